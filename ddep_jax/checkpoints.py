@@ -141,7 +141,9 @@ def _resolve_checkpoint(path: str, step: int | None) -> tuple[str, int]:
 def load_params(path: str, step: int | None = None) -> tuple[dict, int]:
   """Reads the parameters of a saved run as host numpy arrays (any mesh, any host count)."""
   directory, step = _resolve_checkpoint(path, step)
-  manager = ocp.CheckpointManager(directory, item_names=(STATE, META))
+  manager = ocp.CheckpointManager(
+      directory, item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                                META: ocp.JsonCheckpointHandler()})
   try:
     params_metadata = manager.item_metadata(step)[STATE]['params']
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
