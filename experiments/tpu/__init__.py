@@ -1,0 +1,1 @@
+"""Cloud TPU VM (pod slice) launcher: see `experiments/tpu/README.md`."""
