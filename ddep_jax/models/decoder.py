@@ -1,0 +1,167 @@
+"""U-Net decoder of the TransUNet / ResNet-50 U-Net, optionally conditioned on the noise level.
+
+Five stages at 1/16, 1/8, 1/4, 1/2 and 1/1 of the input. Stage `i > 0` upsamples its input x2
+(bilinear, half-pixel centres as `jax.image.resize`; not PyTorch's align_corners), concatenates
+the encoder skip of that scale (block2 @1/8, block1 @1/4, stem @1/2, none @1/1 for the hybrid
+encoder) and applies 3x3 conv -> GroupNorm -> ReLU twice. Stage 0 runs on the encoder output at
+1/16 (the ViT token map; for the ResNet-50 U-Net, block4 @1/32 upsampled x2 and concatenated with
+block3). Stage `i` has `decoder_width * base_widths[i]` channels: 1x = [1024, 512, 256, 128, 64]
+(paper §4.3), 2x and 3x multiply every width.
+
+`variant='transunet'` reproduces the original TransUNet decoder (Chen et al. 2021): stage 0 is a
+single 3x3 conv (`conv_more`, 512 channels) and the four upsampling blocks have
+(256, 128, 64, 16) channels; use it with `base_widths=(512, 256, 128, 64, 16)` (preset
+`R50+ViT-B_16-TransUNet`).
+
+Normalisation is GroupNorm, not TransUNet's BatchNorm: it does not depend on the batch size
+(fine-tuning runs 1024x1024 crops with one or two images per device) and leaves no batch
+statistics to thread through the train state. Each norm uses `gcd(num_groups, channels)` groups
+so that narrow layers (TransUNet's 16 channels) stay valid.
+
+Noise conditioning (paper §4.4, off by default): the per-example `gamma` is embedded
+(sinusoidal, then a 2-layer MLP) and every decoder norm gets a FiLM scale and shift from it,
+`norm(x) * (1 + scale) + shift`. The FiLM projections start at zero, so a conditioned decoder
+starts as the unconditioned one.
+"""
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+VARIANTS = ('ddep', 'transunet')
+NUM_STAGES = 5
+
+
+def upsample2x(x: jnp.ndarray) -> jnp.ndarray:
+  """Bilinear x2 upsampling of `[B, H, W, C]` (half-pixel centres)."""
+  batch, height, width, channels = x.shape
+  return jax.image.resize(x, (batch, 2 * height, 2 * width, channels), 'bilinear')
+
+
+def sinusoidal_embedding(values: jnp.ndarray, dim: int, max_period: float = 10_000.) -> jnp.ndarray:
+  """Transformer / DDPM sinusoidal embedding of a `[B]` float array -> `[B, dim]`."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = values.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class NoiseEmbedding(nn.Module):
+  """Embeds the noise level `gamma` in [0, 1] (Eq. 5): sinusoidal(1000 * gamma) -> MLP."""
+
+  features: int = 256
+
+  @nn.compact
+  def __call__(self, noise_level):
+    # Scaled to [0, 1000] like DDPM timesteps, so the sinusoid frequencies resolve gamma values
+    # that differ by 1e-3 (e.g. gamma ~ U(0.9, 0.95), §4.4).
+    emb = sinusoidal_embedding(1000. * noise_level, self.features)
+    emb = nn.swish(nn.Dense(self.features, name='dense0')(emb))
+    return nn.Dense(self.features, name='dense1')(emb)
+
+
+class ConvNormReLU(nn.Module):
+  """3x3 conv -> GroupNorm -> (FiLM from the noise embedding) -> ReLU."""
+
+  features: int
+  num_groups: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, noise_emb=None):
+    x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
+                name='conv')(x)
+    x = nn.GroupNorm(num_groups=math.gcd(self.num_groups, self.features), epsilon=1e-6,
+                     dtype=self.dtype, name='gn')(x)
+    if noise_emb is not None:  # §4.4: gamma enters through the normalisation layers.
+      film = nn.Dense(2 * self.features, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                      name='film')(nn.swish(noise_emb))
+      scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
+      x = x * (1 + scale) + shift
+    return nn.relu(x)
+
+
+class DecoderStage(nn.Module):
+  """Optional x2 upsampling and skip concatenation, then `num_convs` ConvNormReLU layers."""
+
+  features: int
+  num_convs: int
+  upsample: bool
+  num_groups: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, skip, noise_emb):
+    if self.upsample:
+      x = upsample2x(x)
+    if skip is not None:
+      if skip.shape[1:3] != x.shape[1:3]:
+        raise ValueError(f'Decoder stage {self.name}: the skip feature map is '
+                         f'{skip.shape[1]}x{skip.shape[2]} but the upsampled decoder map is '
+                         f'{x.shape[1]}x{x.shape[2]}; the encoder must halve the resolution '
+                         f'between consecutive skips.')
+      x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+    for j in range(self.num_convs):
+      x = ConvNormReLU(self.features, self.num_groups, self.dtype, name=f'conv{j}')(x, noise_emb)
+    return x
+
+
+class Decoder(nn.Module):
+  """The five-stage U-Net decoder (see the module docstring)."""
+
+  variant: str = 'ddep'
+  decoder_width: float = 1
+  base_widths: Sequence[int] = (1024, 512, 256, 128, 64)
+  noise_conditioning: bool = False
+  num_groups: int = 32
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @property
+  def widths(self) -> tuple[int, ...]:
+    """Channels of the five stages: `decoder_width * base_widths` (paper §4.3)."""
+    return tuple(int(round(self.decoder_width * w)) for w in self.base_widths)
+
+  @nn.compact
+  def __call__(self, x, skips: Sequence[Optional[jnp.ndarray]], *, noise_level=None):
+    """Decodes the encoder output `x` with the five `skips` (1/16 ... 1/1; None = no skip).
+
+    Args:
+      x: encoder output, `[B, H/16, W/16, C]` (or `[B, H/32, W/32, C]` when `skips[0]` is given).
+      skips: five feature maps or None, one per stage; stage 0 upsamples `x` x2 when it has one.
+      noise_level: `gamma` `[B]` (or a scalar); required when `noise_conditioning` is on,
+        ignored otherwise.
+
+    Returns:
+      `[B, H, W, widths[-1]]` features for the head.
+    """
+    if self.variant not in VARIANTS:
+      raise ValueError(f'decoder.variant must be one of {VARIANTS}; got {self.variant!r}.')
+    if len(self.base_widths) != NUM_STAGES or len(skips) != NUM_STAGES:
+      raise ValueError(f'The decoder has {NUM_STAGES} stages (1/16 ... 1/1); got '
+                       f'decoder.base_widths={tuple(self.base_widths)} and {len(skips)} skips.')
+    noise_emb = None
+    if self.noise_conditioning:
+      if noise_level is None:
+        raise ValueError('model.decoder.noise_conditioning=True needs the per-example noise '
+                         'level: call model.apply(..., noise_level=gamma) with gamma of shape '
+                         '[batch].')
+      noise_level = jnp.asarray(noise_level, jnp.float32)
+      if noise_level.shape not in ((), (1,), (x.shape[0],)):
+        raise ValueError(f'noise_level must be a scalar or have shape [batch] = '
+                         f'({x.shape[0]},); got {noise_level.shape}.')
+      noise_level = jnp.broadcast_to(noise_level, (x.shape[0],))
+      noise_emb = NoiseEmbedding(name='noise_embedding')(noise_level).astype(self.dtype)
+
+    stage_cls = nn.remat(DecoderStage) if self.remat else DecoderStage
+    x = x.astype(self.dtype)
+    for i, (features, skip) in enumerate(zip(self.widths, skips)):
+      # TransUNet's stage 0 is its single `conv_more`; every other stage has two convs.
+      num_convs = 1 if (i == 0 and self.variant == 'transunet') else 2
+      upsample = i > 0 or skip is not None
+      x = stage_cls(features, num_convs, upsample, self.num_groups, self.dtype,
+                    name=f'stage{i}')(x, skip, noise_emb)
+    return x

@@ -1,0 +1,129 @@
+"""Whole models: encoder + decoder + head (TransUNet, ResNet-50 U-Net) and encoder + classifier.
+
+    model = build_model(config.model, task='segment', num_classes=19)
+    variables = model.init({'params': key, 'dropout': key}, images, train=False)
+    out, aux = model.apply(variables, images, train=True, encoder_train=False,
+                           noise_level=gamma, rngs={'dropout': key})
+
+The parameter tree is split at the top into `encoder`, `decoder` (dense tasks only) and `head`;
+only `head` depends on the task and the number of classes.
+"""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from ddep_jax.models import decoder as decoder_lib
+from ddep_jax.models import heads
+from ddep_jax.models import resnet
+from ddep_jax.models import vit
+
+TASKS = ('classify', 'denoise', 'segment')
+MODEL_NAMES = ('transunet', 'r50_unet')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class UNet(nn.Module):
+  """Encoder -> U-Net decoder -> per-pixel head. The TransUNet with a `ViTEncoder`."""
+
+  encoder: nn.Module
+  decoder: nn.Module
+  head: nn.Module
+
+  def __call__(self, images, *, train: bool, encoder_train: Optional[bool] = None,
+               noise_level=None):
+    """Returns `(out [B, H, W, C] float32, aux)`; see the module docstring."""
+    encoder_train = train if encoder_train is None else encoder_train
+    x, skips, aux = self.encoder(images, train=encoder_train)
+    features = self.decoder(x, skips, noise_level=noise_level)
+    if features.shape[1:3] != images.shape[1:3]:
+      raise ValueError(f'The decoder output is {features.shape[1]}x{features.shape[2]} for a '
+                       f'{images.shape[1]}x{images.shape[2]} input: the encoder must have output '
+                       f'stride 16 (check model.encoder.patch_size and resnet.num_layers).')
+    aux['decoder'] = features
+    return self.head(features), aux
+
+
+class Classifier(nn.Module):
+  """Encoder -> class-token output -> optional `pre_logits` -> `head` (vision_transformer)."""
+
+  encoder: nn.Module
+  head: nn.Module
+
+  def __call__(self, images, *, train: bool, encoder_train: Optional[bool] = None,
+               noise_level=None):
+    """Returns `(logits [B, num_classes] float32, aux)`; `noise_level` is unused."""
+    del noise_level
+    encoder_train = train if encoder_train is None else encoder_train
+    _, _, aux = self.encoder(images, train=encoder_train)
+    logits, aux['pre_logits'] = self.head(aux['encoded'])
+    return logits, aux
+
+
+def build_encoder(model_config: ml_collections.ConfigDict) -> nn.Module:
+  """Returns the encoder module of `model_config` (unbound)."""
+  enc = model_config.encoder
+  dtype = _dtype(model_config)
+  if model_config.name == 'transunet':
+    return vit.ViTEncoder(
+        hidden_size=enc.hidden_size, num_layers=enc.num_layers, num_heads=enc.num_heads,
+        mlp_dim=enc.mlp_dim, patch_size=tuple(enc.patch_size),
+        resnet_num_layers=tuple(enc.resnet.num_layers),
+        resnet_width_factor=enc.resnet.width_factor, dropout_rate=enc.dropout_rate,
+        attention_dropout_rate=enc.attention_dropout_rate, classifier=enc.classifier,
+        dtype=dtype, remat=model_config.remat)
+  if model_config.name == 'r50_unet':
+    return resnet.ResNetEncoder(num_layers=tuple(enc.resnet.num_layers),
+                                width_factor=enc.resnet.width_factor, dtype=dtype,
+                                remat=model_config.remat)
+  raise ValueError(f'model.name must be one of {MODEL_NAMES}; got {model_config.name!r}.')
+
+
+def build_model(model_config: ml_collections.ConfigDict, *, task: str,
+                num_classes: Optional[int] = None) -> nn.Module:
+  """Builds the model for `task` in ('classify', 'denoise', 'segment').
+
+  Args:
+    model_config: the `config.model` section (`presets.default_config()` / `get_config()`).
+    task: 'denoise' -> `[B, H, W, 3]`; 'segment' -> `[B, H, W, num_classes]` logits;
+      'classify' -> `[B, num_classes]` logits from the encoder alone (no decoder).
+    num_classes: classes of the segmentation / classification head; ignored for 'denoise'.
+
+  Returns:
+    An unbound `flax.linen.Module` called as `model.apply(variables, images, train=...,
+    encoder_train=None, noise_level=None, rngs=...)` -> `(out float32, aux)`.
+  """
+  if task not in TASKS:
+    raise ValueError(f'task must be one of {TASKS}; got {task!r}.')
+  if task != 'denoise' and (not isinstance(num_classes, int) or num_classes < 1):
+    raise ValueError(f'task={task!r} needs num_classes >= 1 (the head width); got {num_classes!r}.')
+  dtype = _dtype(model_config)
+  encoder = build_encoder(model_config)
+  if task == 'classify':
+    head = heads.ClassificationHead(num_classes, model_config.encoder.representation_size,
+                                    dtype=dtype)
+    return Classifier(encoder=encoder, head=head)
+
+  if isinstance(encoder, vit.ViTEncoder) and encoder.output_stride != 16:
+    raise ValueError(f'The U-Net decoder starts at 1/16 of the input, but this encoder has output '
+                     f'stride {encoder.output_stride} (encoder.resnet.num_layers='
+                     f'{tuple(model_config.encoder.resnet.num_layers)}, patch_size='
+                     f'{tuple(model_config.encoder.patch_size)}); use 3 ResNet stages with patch '
+                     f'(1, 1), or no ResNet with patch (16, 16).')
+  dec = model_config.decoder
+  decoder = decoder_lib.Decoder(
+      variant=dec.variant, decoder_width=dec.decoder_width, base_widths=tuple(dec.base_widths),
+      noise_conditioning=dec.noise_conditioning, num_groups=dec.num_groups, dtype=dtype,
+      remat=model_config.remat)
+  num_outputs = 3 if task == 'denoise' else num_classes
+  kernel_size = (model_config.head_kernel_size,) * 2
+  head = heads.DenseHead(num_outputs, kernel_size, dtype=dtype)
+  return UNet(encoder=encoder, decoder=decoder, head=head)
+
+
+def _dtype(model_config):
+  if model_config.dtype not in DTYPES:
+    raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}; got {model_config.dtype!r}.')
+  return DTYPES[model_config.dtype]

@@ -1,0 +1,301 @@
+"""ImageNet-21k encoder checkpoints: the official vision_transformer / TransUNet `.npz` files.
+
+The released files (`R50+ViT-B_16.npz`, `ViT-B_16.npz`, ... from gs://vit_models/imagenet21k/;
+TransUNet uses the same `R50+ViT-B_16.npz`) are flat `np.savez` archives keyed by '/'-joined
+parameter paths:
+
+* `conv_root/kernel`, `gn_root/{scale,bias}`, `block{i}/unit{k}/{conv*,gn*}/...` (hybrids),
+  `embedding/{kernel,bias}`, `cls`, `Transformer/posembed_input/pos_embedding`,
+  `Transformer/encoder_norm/...`;
+* pre-Linen names inside the transformer layers: `Transformer/encoderblock_{i}/{LayerNorm_0,
+  MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3}` (Linen numbers submodules per
+  class: `LayerNorm_0, MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0`);
+* GroupNorm `scale` / `bias` stored as `(1, 1, 1, C)` in the older files;
+* the classifier at the top: `pre_logits/{kernel,bias}` (representation 768 for ImageNet-21k)
+  and `head/{kernel,bias}` (21843 classes).
+
+`load_pretrained` reads such a file, converts it to this package's tree (`encoder/...`,
+`head/pre_logits/...`, `head/{kernel,bias}`), resamples the position embedding to the model's
+token grid, and merges it into freshly initialised parameters. Dropping the classifier is
+explicit (`drop_head=True`); anything else that does not fit raises one error naming every
+offending path with both shapes.
+"""
+
+import math
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+from absl import logging
+from etils import epath
+import flax
+from flax.training import checkpoints as flax_checkpoints
+import jax
+import ml_collections
+import numpy as np
+import scipy.ndimage
+
+POSEMB_PATH = 'encoder/Transformer/posembed_input/pos_embedding'
+CLS_PATH = 'encoder/cls'
+
+# The GroupNorm modules of the ResNet: `gn_root`, `gn_proj`, `gn1`, `gn2`, `gn3`.
+_GROUPNORM_RE = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
+# Linen -> released (pre-Linen) names inside `encoderblock_{i}`; used to write fake checkpoints.
+# Reading goes through flax's own `convert_pre_linen`, so the two directions are independent.
+_PRE_LINEN_BLOCK_NAMES = {
+    'LayerNorm_0': 'LayerNorm_0',
+    'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
+    'LayerNorm_1': 'LayerNorm_2',
+    'MlpBlock_0': 'MlpBlock_3',
+}
+_DOWNLOAD_HINT = ('Download the ImageNet-21k checkpoint, e.g. '
+                  '`gsutil cp gs://vit_models/imagenet21k/R50+ViT-B_16.npz .`, and point '
+                  '`config.init_from.npz` at it.')
+
+
+def read_npz(path: str) -> dict[str, Any]:
+  """Reads an `.npz` (local or gs://) into a nested dict of numpy arrays, keys as stored."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'Pretrained checkpoint not found: {path}. {_DOWNLOAD_HINT}')
+  with path.open('rb') as f:
+    with np.load(f, allow_pickle=False) as npz:
+      flat = {tuple(key.split('/')): npz[key] for key in npz.files}
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def convert_vit_params(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """Converts a vision_transformer checkpoint tree into `{'encoder': ..., 'head': ...}`.
+
+  Renames pre-Linen transformer submodules to Linen names (`flax.training.checkpoints.
+  convert_pre_linen`; already-Linen files pass unchanged), squeezes `(1, 1, 1, C)` GroupNorm
+  parameters to `(C,)`, and moves the top-level `pre_logits` and `head` under `head/`
+  (`head/pre_logits/...`, `head/kernel`, `head/bias`). `head` is absent if the file has none.
+  """
+  tree = flax_checkpoints.convert_pre_linen(dict(tree))
+  flat = flax.traverse_util.flatten_dict(tree, sep='/')
+  out = {}
+  for path, value in flat.items():
+    value = np.asarray(value)
+    if _GROUPNORM_RE.search(path) and value.ndim == 4 and value.shape[:3] == (1, 1, 1):
+      value = value.reshape(value.shape[-1])
+    if path.startswith('pre_logits/'):
+      path = 'head/' + path
+    elif not path.startswith('head/'):
+      path = 'encoder/' + path
+    out[path] = value
+  return flax.traverse_util.unflatten_dict(out, sep='/')
+
+
+def resample_posemb(posemb: np.ndarray, new_grid: Sequence[int], *, has_class_token: bool,
+                    keep_class_token: bool, old_grid: Optional[Sequence[int]] = None) -> np.ndarray:
+  """Resamples a `(1, N, D)` position embedding to the `new_grid` (h, w) of tokens.
+
+  The class slot (first token, when `has_class_token`) is kept or dropped, then the grid part is
+  interpolated with `scipy.ndimage.zoom(order=1)`, as vision_transformer does. `old_grid`
+  defaults to the square grid of the stored tokens.
+
+  Returns:
+    `(1, keep_class_token + h * w, D)` float32.
+  """
+  posemb = np.asarray(posemb, np.float32)
+  if posemb.ndim != 3 or posemb.shape[0] != 1:
+    raise ValueError(f'pos_embedding must be (1, tokens, D); got {posemb.shape}.')
+  if keep_class_token and not has_class_token:
+    raise ValueError('The model has a class token but the checkpoint position embedding has no '
+                     'class slot; set model.encoder.classifier="none" or load a checkpoint with '
+                     'a class token.')
+  num_prefix = 1 if has_class_token else 0
+  prefix, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
+  if old_grid is None:
+    side = math.isqrt(grid.shape[0])
+    if side * side != grid.shape[0]:
+      raise ValueError(f'pos_embedding has {grid.shape[0]} grid tokens, not a square grid; pass '
+                       f'old_grid=(h, w).')
+    old_grid = (side, side)
+  old_h, old_w = old_grid
+  new_h, new_w = new_grid
+  if old_h * old_w != grid.shape[0]:
+    raise ValueError(f'old_grid {tuple(old_grid)} does not match the {grid.shape[0]} grid '
+                     f'tokens of pos_embedding {posemb.shape}.')
+  grid = grid.reshape(old_h, old_w, -1)
+  if (old_h, old_w) != (new_h, new_w):
+    grid = scipy.ndimage.zoom(grid, (new_h / old_h, new_w / old_w, 1), order=1)
+  grid = grid.reshape(1, new_h * new_w, -1)
+  parts = [prefix, grid] if keep_class_token else [grid]
+  return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def merge_params(init_params: Mapping[str, Any], loaded: Mapping[str, Any], *, drop_head: bool,
+                 grid_size: Optional[Sequence[int]] = None) -> dict[str, Any]:
+  """Merges `loaded` (e.g. `convert_vit_params` output) into freshly initialised parameters.
+
+  Every top-level section of `loaded` (`encoder`, `head`, ...) replaces the one of `init_params`
+  path by path; sections absent from `loaded` (the `decoder`) keep their initial values.
+
+  Args:
+    init_params: the model's parameters from `model.init` (their shapes are the contract).
+    loaded: parameters to put in, same layout as `init_params`.
+    drop_head: True keeps the model's freshly initialised `head` (and `pre_logits`) and ignores
+      the checkpoint's classifier: what fine-tuning on a new task or a dense model needs. False
+      loads the checkpoint's head too (evaluating an ImageNet-21k classifier); its shapes must
+      then match.
+    grid_size: the model's token grid (h, w) for resampling the position embedding; by default
+      the square grid of the model's `pos_embedding`.
+
+  Returns:
+    A new nested dict like `init_params`.
+
+  Raises:
+    ValueError naming every path in the checkpoint but not in the model, in the model but not in
+    the checkpoint, or with mismatched shapes (both shapes given).
+  """
+  init_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(init_params), sep='/')
+  loaded_flat = dict(flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep='/'))
+  if drop_head:
+    dropped = sorted(k for k in loaded_flat if k.startswith('head/'))
+    if dropped:
+      logging.info('merge_params: drop_head=True, not loading %s', dropped)
+    loaded_flat = {k: v for k, v in loaded_flat.items() if not k.startswith('head/')}
+  has_class_token = CLS_PATH in loaded_flat
+  if has_class_token and CLS_PATH not in init_flat:
+    # The model runs without a class token: its position embedding slot goes too (below).
+    logging.info('merge_params: the model has no class token; dropping %s.', CLS_PATH)
+    del loaded_flat[CLS_PATH]
+
+  if POSEMB_PATH in loaded_flat and POSEMB_PATH in init_flat:
+    old, new = np.shape(loaded_flat[POSEMB_PATH]), np.shape(init_flat[POSEMB_PATH])
+    keep_class_token = CLS_PATH in init_flat
+    if old != new and len(old) == 3 and len(new) == 3 and old[-1] == new[-1]:
+      num_grid = new[1] - int(keep_class_token)
+      if grid_size is None:
+        side = math.isqrt(num_grid)
+        if side * side != num_grid:
+          raise ValueError(f'{POSEMB_PATH}: the model grid of {num_grid} tokens is not square; '
+                           f'pass image_size=(H, W) to load_pretrained (or the token grid '
+                           f'(H/16, W/16) as grid_size to merge_params).')
+        grid_size = (side, side)
+      logging.info('merge_params: resampling %s from %s to grid %s', POSEMB_PATH, old,
+                   tuple(grid_size))
+      loaded_flat[POSEMB_PATH] = resample_posemb(
+          loaded_flat[POSEMB_PATH], grid_size, has_class_token=has_class_token,
+          keep_class_token=keep_class_token)
+
+  sections = {k.split('/')[0] for k in loaded_flat}
+  if not drop_head:  # Loading the head was asked for: the checkpoint must have it.
+    sections.add('head')
+  expected = {k for k in init_flat if k.split('/')[0] in sections}
+  unexpected = sorted(loaded_flat.keys() - init_flat.keys())
+  missing = sorted(expected - loaded_flat.keys())
+  mismatched = sorted(k for k in expected & loaded_flat.keys()
+                      if np.shape(loaded_flat[k]) != np.shape(init_flat[k]))
+  if unexpected or missing or mismatched:
+    lines = ['The checkpoint does not fit the model:']
+    lines += [f'  in checkpoint but not in model: {k} {np.shape(loaded_flat[k])}'
+              for k in unexpected]
+    lines += [f'  in model but not in checkpoint: {k} {np.shape(init_flat[k])}' for k in missing]
+    lines += [f'  shape mismatch: {k}: checkpoint {np.shape(loaded_flat[k])} vs model '
+              f'{np.shape(init_flat[k])}' for k in mismatched]
+    if any(k.startswith('head/') for k in unexpected + missing + mismatched):
+      lines.append('To fine-tune with a new head (or a dense model), pass drop_head=True; to '
+                   'evaluate the ImageNet-21k classifier, build a classify model with '
+                   'model.encoder.representation_size=768 and num_classes=21843.')
+    raise ValueError('\n'.join(lines))
+
+  merged = dict(init_flat)
+  for k, v in loaded_flat.items():
+    merged[k] = np.asarray(v, dtype=np.asarray(init_flat[k]).dtype)
+  return flax.traverse_util.unflatten_dict(merged, sep='/')
+
+
+def load_pretrained(init_params: Mapping[str, Any], path: str,
+                    model_config: Optional[ml_collections.ConfigDict] = None, *, drop_head: bool,
+                    image_size: Optional[Sequence[int]] = None) -> dict[str, Any]:
+  """Loads an ImageNet-21k vision_transformer `.npz` into the model's parameters.
+
+  Argument order as big_vision's `load(init_params, init_file, model_cfg)`.
+
+  Args:
+    init_params: `model.init(...)['params']` of the model to load into (host arrays are best:
+      the result is numpy and the caller shards it).
+    path: the `.npz` file (local path or gs://).
+    model_config: the `config.model` section; with `image_size`, gives the token grid.
+    drop_head: see `merge_params`; required, so that dropping the classifier is a decision.
+    image_size: (H, W) the model runs at, for a non-square position-embedding grid.
+
+  Returns:
+    `init_params` with `encoder` (and `head` unless dropped) from the checkpoint.
+  """
+  grid_size = None
+  if image_size is not None:
+    if model_config is None:
+      raise ValueError('load_pretrained(image_size=...) needs model_config for the encoder '
+                       'output stride.')
+    from ddep_jax.models import model as model_lib  # pylint: disable=g-import-not-at-top
+    stride = model_lib.build_encoder(model_config).output_stride
+    grid_size = (image_size[0] // stride, image_size[1] // stride)
+  loaded = convert_vit_params(read_npz(path))
+  try:
+    return merge_params(init_params, loaded, drop_head=drop_head, grid_size=grid_size)
+  except ValueError as e:
+    raise ValueError(f'Loading {path}: {e}') from None
+
+
+def to_released_names(params: Mapping[str, Any], *, groupnorm_4d: bool = False
+                      ) -> dict[str, np.ndarray]:
+  """Flat `{released npz key: array}` for this package's `encoder` / `head` parameters.
+
+  The inverse of `convert_vit_params`: pre-Linen names in the transformer layers, `pre_logits`
+  and `head` at the top level, GroupNorm params as `(1, 1, 1, C)` when `groupnorm_4d`.
+  """
+  out = {}
+  for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/').items():
+    value = np.asarray(value)
+    parts = path.split('/')
+    if parts[0] == 'encoder':
+      parts = parts[1:]
+    elif parts[:2] == ['head', 'pre_logits']:
+      parts = parts[1:]
+    elif parts[0] != 'head':
+      raise ValueError(f'{path}: only encoder/ and head/ parameters have a released name.')
+    if len(parts) > 3 and parts[0] == 'Transformer' and parts[1].startswith('encoderblock_'):
+      parts[2] = _PRE_LINEN_BLOCK_NAMES[parts[2]]
+    key = '/'.join(parts)
+    if groupnorm_4d and _GROUPNORM_RE.search(key):
+      value = value.reshape(1, 1, 1, -1)
+    out[key] = value
+  return out
+
+
+def write_fake_npz(path: str, model_config: ml_collections.ConfigDict, num_classes: int,
+                   rng: np.random.Generator, *, image_size: int = 224,
+                   groupnorm_4d: bool = False) -> dict[str, np.ndarray]:
+  """Writes a checkpoint with the released key layout and random values (for tests).
+
+  The layout is that of vision_transformer's classifier for `model_config` at `image_size`
+  (square): its `encoder` plus `pre_logits` (if `encoder.representation_size`) and a
+  `num_classes` `head`, under the released (pre-Linen) names. Kernels are N(0, 1/fan_in), norm
+  scales 1 + N(0, 0.1^2), everything else N(0, 0.1^2), so that features are well scaled.
+
+  Returns:
+    The flat `{npz key: array}` that was written.
+  """
+  from ddep_jax.models import model as model_lib  # pylint: disable=g-import-not-at-top
+  model = model_lib.build_model(model_config, task='classify', num_classes=num_classes)
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  arrays = {}
+  for key, spec in flax.traverse_util.flatten_dict(shapes['params'], sep='/').items():
+    if key.endswith('/kernel'):
+      value = rng.normal(size=spec.shape) / np.sqrt(np.prod(spec.shape[:-1]))
+    elif key.endswith('/scale'):
+      value = 1.0 + 0.1 * rng.normal(size=spec.shape)
+    else:
+      value = 0.1 * rng.normal(size=spec.shape)
+    arrays[key] = value.astype(np.float32)
+  released = to_released_names(flax.traverse_util.unflatten_dict(arrays, sep='/'),
+                               groupnorm_4d=groupnorm_4d)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    np.savez(f, **released)
+  return released

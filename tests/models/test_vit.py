@@ -1,0 +1,98 @@
+"""Tests for the ViT / hybrid encoder: shapes, skips, position-embedding resizing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddep_jax import models
+from ddep_jax.models import model as model_lib
+from ddep_jax.models import vit
+
+
+def bilinear_half_pixel_np(grid, out_h, out_w):
+  """Bilinear resize with half-pixel centres and edge clamping (no antialiasing), float64."""
+  in_h, in_w = grid.shape[:2]
+
+  def taps(out_size, in_size):
+    src = np.clip((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0, in_size - 1)
+    lo = np.floor(src).astype(int)
+    return lo, np.minimum(lo + 1, in_size - 1), src - lo
+
+  y0, y1, fy = taps(out_h, in_h)
+  x0, x1, fx = taps(out_w, in_w)
+  g = np.asarray(grid, np.float64)
+  top = g[y0][:, x0] * (1 - fx)[None, :, None] + g[y0][:, x1] * fx[None, :, None]
+  bottom = g[y1][:, x0] * (1 - fx)[None, :, None] + g[y1][:, x1] * fx[None, :, None]
+  return top * (1 - fy)[:, None, None] + bottom * fy[:, None, None]
+
+
+def test_position_embeddings_resized_on_the_fly_for_another_grid():
+  rng = np.random.default_rng(0)
+  posemb = rng.normal(size=(1, 1 + 2 * 2, 4)).astype(np.float32)  # Class slot + 2x2 grid.
+  tokens = rng.normal(size=(3, 1 + 4 * 3, 4)).astype(np.float32)  # Applied to a 4x3 grid.
+  out = vit.AddPositionEmbs((4, 3), num_prefix_tokens=1).apply(
+      {'params': {'pos_embedding': posemb}}, tokens)
+  grid = bilinear_half_pixel_np(posemb[0, 1:].reshape(2, 2, 4), 4, 3).reshape(1, 12, 4)
+  expected = tokens + np.concatenate([posemb[:, :1], grid], axis=1)
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6, atol=1e-6)
+  # Same grid: plain addition.
+  same = vit.AddPositionEmbs((2, 2), 1).apply({'params': {'pos_embedding': posemb}},
+                                              tokens[:, :5])
+  np.testing.assert_array_equal(np.asarray(same), tokens[:, :5] + posemb)
+
+
+def test_non_square_stored_grid_cannot_be_resized_on_the_fly():
+  posemb = np.zeros((1, 1 + 2 * 3, 4), np.float32)
+  with pytest.raises(ValueError, match='non-square grid of 6 tokens.*4x4.*resample_posemb'):
+    vit.AddPositionEmbs((4, 4), 1).apply({'params': {'pos_embedding': posemb}},
+                                         np.zeros((1, 17, 4), np.float32))
+
+
+@pytest.mark.parametrize('height,width', [(32, 32), (32, 48)])
+def test_hybrid_encoder_features_and_skips(height, width):
+  encoder = model_lib.build_encoder(models.get_config('tiny'))
+  images = jnp.zeros((2, height, width, 3))
+  token_map, skips, aux = jax.eval_shape(
+      lambda: encoder.init_with_output(jax.random.key(0), images, train=False)[0])
+  h, w = height // 16, width // 16
+  assert token_map.shape == (2, h, w, 32)
+  assert aux['stem'].shape == (2, height // 2, width // 2, 32)
+  assert aux['block1'].shape == (2, height // 4, width // 4, 128)
+  assert aux['block2'].shape == (2, height // 8, width // 8, 256)
+  assert aux['block3'].shape == (2, h, w, 512)
+  assert aux['tokens'].shape == (2, 1 + h * w, 32)  # Class token kept in the sequence.
+  assert aux['encoded'].shape == (2, 32)
+  assert skips[0] is None and skips[4] is None
+  assert [s.shape for s in skips[1:4]] == [aux['block2'].shape, aux['block1'].shape,
+                                           aux['stem'].shape]
+
+
+def test_token_map_is_the_sequence_without_class_token(random_params):
+  config = models.get_config('tiny', encoder={'resnet': {'num_layers': ()}}, patch_size=(16, 16))
+  encoder = model_lib.build_encoder(config)
+  images = np.random.default_rng(0).uniform(-1, 1, (1, 32, 48, 3)).astype(np.float32)
+  params = random_params(encoder, images, train=False)
+  token_map, skips, aux = encoder.apply({'params': params}, images, train=False)
+  assert skips == (None,) * 5  # Pure ViT: no skips.
+  assert params['embedding']['kernel'].shape == (16, 16, 3, 32)
+  # Row-major: token 1 + (i * w + j) is position (i, j) of the 2x3 map.
+  np.testing.assert_array_equal(np.asarray(token_map[0, 1, 2]), np.asarray(aux['tokens'][0, 6]))
+  np.testing.assert_array_equal(np.asarray(aux['encoded'][0]), np.asarray(aux['tokens'][0, 0]))
+
+
+def test_no_class_token_variant_has_no_cls_parameter():
+  config = models.get_config('tiny', classifier='none')
+  encoder = model_lib.build_encoder(config)
+  params = jax.eval_shape(lambda: encoder.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                               train=False))['params']
+  assert 'cls' not in params
+  assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 4, 32)
+
+
+@pytest.mark.parametrize('shape', [(1, 40, 32, 3), (1, 32, 32, 1)])
+def test_bad_image_shapes_raise_clear_errors(shape):
+  model = models.build_model(models.get_config('tiny'), task='segment', num_classes=3)
+  match = r'multiples of 16 .*got 40x32.*48x32' if shape[1] == 40 else r'\[B, H, W, 3\]'
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
