@@ -1,1 +1,6 @@
-"""Input pipelines: TFDS builders, preprocessing, label-efficient subsets."""
+"""Input pipelines over TFDS: dataset registry, preprocessing, label-efficient subsets, tf.data.
+
+`datasets` (names -> TFDS builders, label tables), `preprocessing` (pure tf functions),
+`subsets` (label fractions / counts, split files), `input_pipeline` (train / eval batches);
+`builders` holds the project's TFDS builders.
+"""
