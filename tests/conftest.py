@@ -1,12 +1,25 @@
 """Test-session set-up shared by every test module.
 
 Runs before any test imports jax: 8 simulated CPU devices so sharded code is
-exercised, and no TFDS metadata look-ups on GCS (tests never touch the network).
+exercised, a shared compilation cache, and no TFDS metadata look-ups on GCS (tests never touch
+the network).
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One persistent XLA compilation cache for the whole session (pytest-xdist workers and the
+# trainer subprocesses some tests start inherit it): tests that build the same tiny programs
+# compile them once. Created fresh per session, so nothing carries over between CI runs.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache_dir = tempfile.mkdtemp(prefix="ddep_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keep TensorFlow off any accelerator and from grabbing all host threads.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -18,3 +31,17 @@ tf.config.set_visible_devices([], "GPU")
 from tensorflow_datasets.core.utils import gcs_utils  # noqa: E402
 
 gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def digit_scenes_dir(tmp_path_factory):
+  """A TFDS data_dir with the embedded demo dataset prepared (all three configs), once per worker."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  import ddep_jax.data.builders  # pylint: disable=g-import-not-at-top,unused-import
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  for config in ('segmentation', 'classification', 'unlabeled'):
+    tfds.builder(f'ddep_digit_scenes/{config}', data_dir=data_dir).download_and_prepare()
+  return data_dir

@@ -1,0 +1,112 @@
+"""Shared pieces of every experiment config.
+
+`get_base_config()` assembles the full config from the defaults each module owns (model, input,
+objectives, optimizer, sharding) plus the loop's own fields; experiment files start from it and
+change what their experiment changes. `parse_arg` reads the `:k=v,...` argument of a config file
+(big_vision style), so `configs/x.py:init=ddep,runlocal=True` picks a variant.
+"""
+
+import ast
+from typing import Any
+
+import ml_collections
+
+from ddep_jax import models
+from ddep_jax import objectives
+from ddep_jax import optimizer
+from ddep_jax import sharding
+from ddep_jax.data import input_pipeline
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses 'k1=v1,k2=v2' into a ConfigDict over `defaults`; unknown keys are errors.
+
+  Values are Python literals where they parse as one (`3`, `0.05`, `True`, `None`, `(0.9,0.95)`)
+  and strings otherwise; a value's type must match its default's unless the default is None.
+  Tuples are written with `+` instead of commas: `gamma_range=0.9+0.95`.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return result
+  for item in arg.split(','):
+    if not item:
+      continue
+    if '=' not in item:
+      raise ValueError(f'Config argument {item!r} is not of the form key=value (in {arg!r}).')
+    key, value = item.split('=', 1)
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r} (in {arg!r}); known: '
+                       f'{sorted(defaults)}.')
+    result[key] = _parse_value(value, defaults[key], key)
+  return result
+
+
+def _parse_value(text: str, default: Any, key: str) -> Any:
+  if '+' in text:
+    return tuple(_parse_value(t, None, key) for t in text.split('+'))
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if isinstance(default, bool) and not isinstance(value, bool):
+    raise ValueError(f'Config argument {key}={text!r}: expected True or False.')
+  if isinstance(default, (int, float)) and not isinstance(default, bool):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+      raise ValueError(f'Config argument {key}={text!r}: expected a number.')
+    if isinstance(default, float):
+      value = float(value)
+  return value
+
+
+def eval_config(dataset: str, split: str, *, batch_size: int, mode: str = 'whole',
+                scales=(1.0,), flip: bool = False, crop_size=None, stride=None,
+                every_steps: int | None = None, **input_overrides) -> ml_collections.ConfigDict:
+  """One entry of `config.evals`: the eval input plus the inference protocol.
+
+  Protocol fields (see `ddep_jax.inference`): `mode` ('whole' | 'sliding'), `scales`, `flip`,
+  `crop_size`, `stride`; `every_steps` (None: only the final evaluation).
+  """
+  c = input_pipeline.default_eval_config()
+  c.dataset = dataset
+  c.split = split
+  c.batch_size = batch_size
+  for k, v in input_overrides.items():
+    c[k] = v
+  c.mode = mode
+  c.scales = tuple(scales)
+  c.flip = flip
+  c.crop_size = crop_size
+  c.stride = stride
+  c.every_steps = every_steps
+  return c
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Every field a run has, with defaults; experiment configs override them."""
+  config = ml_collections.ConfigDict()
+  config.task = 'denoise'  # 'classify' | 'denoise' | 'segment'
+  config.seed = 0
+  config.num_classes = 0  # Classes of the segmentation / classification head (0: not used).
+
+  config.model = models.default_config()
+  config.input = input_pipeline.default_config()
+  config.evals = ml_collections.ConfigDict()
+  config.update(objectives.default_config())   # denoising, classification_loss
+  config.update(optimizer.default_config())    # optimizer, lr, wd, ..., schedule
+  config.update(sharding.default_config())     # mesh, sharding_rules, distributed
+
+  config.total_steps = 0     # Set exactly one of total_steps / total_epochs.
+  config.total_epochs = 0.0
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+
+  # Stage chaining: parameters from a previous stage (see ddep_jax/train.py).
+  config.init_from = ml_collections.ConfigDict(dict(
+      checkpoint='',        # A previous run's workdir / checkpoints dir / checkpoints/<step>.
+      step=-1,              # -1: its latest checkpoint.
+      params=('encoder/.*', 'decoder/.*'),
+      npz='',               # An ImageNet-21k vision_transformer .npz for the encoder.
+      npz_drop_head=True,   # Keep the randomly initialised head (different classes).
+  ))
+  return config

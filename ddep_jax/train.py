@@ -1,0 +1,308 @@
+"""The train loop of every stage: supervised encoder pretraining, (D)DeP, and fine-tuning.
+
+`train_and_evaluate(config, workdir)` is the library entry point (`ddep_jax.main` is its command
+line). One loop, one jitted step; `config.task` picks the objective, head, data and evaluators
+('classify', 'denoise', 'segment') and `config.schedule` picks which parameters train (DDeP
+freezes `encoder/.*`).
+
+Order of initialisation (first that applies):
+  1. resume: the workdir has a checkpoint -> restore state and continue at its step, with the
+     same data order (the input pipeline is a deterministic function of the step);
+  2. `init_from.checkpoint`: parameters matching `init_from.params` from a previous stage's
+     Orbax checkpoint (e.g. encoder + decoder of a DDeP run), the rest freshly initialised;
+  3. `init_from.npz`: an ImageNet-21k vision_transformer `.npz` for the encoder (and, when the
+     head matches, the classifier);
+  4. random initialisation.
+"""
+
+import math
+import os
+from typing import Any, Mapping
+
+from absl import logging
+from clu import metric_writers
+from clu import parameter_overview
+from clu import periodic_actions
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from ddep_jax import checkpoints
+from ddep_jax import evaluate
+from ddep_jax import models
+from ddep_jax import optimizer as optimizer_lib
+from ddep_jax import sharding
+from ddep_jax import train_step as train_step_lib
+from ddep_jax.data import input_pipeline
+from ddep_jax.models import pretrained
+
+TASKS = ('classify', 'denoise', 'segment')
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN / inf loss; the last good checkpoint is left untouched."""
+
+
+def build_model_for(config):
+  return models.build_model(config.model, task=config.task, num_classes=_num_outputs(config))
+
+
+def _num_outputs(config) -> int:
+  # The denoising head predicts 3 channels whatever num_classes says.
+  return 3 if config.task == 'denoise' else int(config.num_classes)
+
+
+def check_config(config) -> None:
+  """Fails early, with what to change, on configs that cannot run."""
+  if config.task not in TASKS:
+    raise ValueError(f'config.task={config.task!r}: expected one of {TASKS}.')
+  if config.task in ('segment', 'classify') and not config.get('num_classes'):
+    raise ValueError(f'config.num_classes must be set for task={config.task!r}.')
+  if config.task in ('segment', 'classify'):
+    info = input_pipeline.dataset_info(config.input.dataset, config.input.data_dir)
+    if info.num_classes is not None and info.num_classes != config.num_classes:
+      raise ValueError(f'config.num_classes={config.num_classes} but dataset '
+                       f'{config.input.dataset!r} has {info.num_classes} classes.')
+  if not config.get('total_steps') and not config.get('total_epochs'):
+    raise ValueError('Set config.total_steps or config.total_epochs.')
+  if config.get('total_steps') and config.get('total_epochs'):
+    raise ValueError('Set only one of config.total_steps and config.total_epochs.')
+  init_from = config.init_from
+  if init_from.get('checkpoint') and init_from.get('npz'):
+    raise ValueError('config.init_from: set checkpoint or npz, not both.')
+
+
+def total_train_steps(config) -> int:
+  if config.get('total_steps'):
+    return int(config.total_steps)
+  info = input_pipeline.dataset_info(config.input.dataset, config.input.data_dir)
+  num_examples = info.train_size(config.input)
+  return int(math.ceil(config.total_epochs * num_examples / config.input.batch_size))
+
+
+def place_params(loaded: Mapping, model, config, mesh):
+  """Puts a full set of host numpy parameters (`checkpoints.load_params`) on the mesh.
+
+  Every model parameter must be in `loaded` with its shape (errors name the paths); the result is
+  sharded by `config.sharding_rules`.
+  """
+  abstract = train_step_lib.abstract_params(config, model, _image_shape(config))
+  shardings = sharding.param_shardings(abstract, mesh, config)
+  return _put(checkpoints.merge_params(abstract, loaded, ('.*',)), shardings)
+
+
+def _host_copy(tree):
+  """Global (possibly multi-host sharded) arrays -> full numpy arrays on every host."""
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _put(tree, shardings):
+  """Host numpy leaves -> global arrays with the given shardings; device arrays pass through."""
+  def put(value, sh):
+    if isinstance(value, jax.Array):
+      return value
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sh, lambda index: value[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def _image_shape(config) -> tuple[int, int, int, int]:
+  height, width = input_pipeline.train_crop_size(config.input, config.task)
+  return (1, height, width, 3)
+
+
+def _initial_params(config, state) -> tuple[Any, str]:
+  """Applies init_from to freshly initialised state params; returns (params, description)."""
+  init_from = config.init_from
+  params = state['params']
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  if init_from.get('checkpoint'):
+    step = init_from.get('step', -1)
+    loaded, step = checkpoints.load_params(init_from.checkpoint, step if step >= 0 else None)
+    loaded = _resample_position_embedding(loaded, params, config)
+    merged = checkpoints.merge_params(params, loaded, tuple(init_from.params),
+                                      source=f'checkpoint {init_from.checkpoint}')
+    carried = checkpoints.matching_paths(params, tuple(init_from.params))
+    return _put(merged, shardings), (f'{len(carried)} parameters from {init_from.checkpoint} '
+                                     f'(step {step}) matching {list(init_from.params)}')
+  if init_from.get('npz'):
+    merged = pretrained.load_pretrained(_host_copy(params), init_from.npz, config.model,
+                                        drop_head=init_from.npz_drop_head,
+                                        image_size=_image_shape(config)[1:3])
+    return _put(merged, shardings), f'encoder from {init_from.npz}'
+  return params, 'random initialisation'
+
+
+_POSEMB_PATH = ('encoder', 'Transformer', 'posembed_input', 'pos_embedding')
+
+
+def _resample_position_embedding(loaded: Mapping, params: Mapping, config) -> Mapping:
+  """Resamples a carried ViT position embedding to this run's token grid.
+
+  Stages run at different resolutions (DDeP at 224x224, fine-tuning on 512 or 1024 crops), so the
+  embedding of the earlier stage is interpolated as vision_transformer does when fine-tuning at a
+  new resolution (its grid is assumed square, as at 224x224).
+  """
+  source, target = loaded, params
+  for key in _POSEMB_PATH:
+    if key not in source or key not in target:
+      return loaded
+    source, target = source[key], target[key]
+  if tuple(source.shape) == tuple(target.shape):
+    return loaded
+  height, width = _image_shape(config)[1:3]
+  stride = models.model.build_encoder(config.model).output_stride
+  has_class_token = config.model.encoder.classifier == 'token'
+  resampled = pretrained.resample_posemb(source, (height // stride, width // stride),
+                                         has_class_token=has_class_token,
+                                         keep_class_token=has_class_token)
+  logging.info('Resampled %s from %s to %s.', '/'.join(_POSEMB_PATH), source.shape,
+               resampled.shape)
+  out = dict(loaded)  # Copy only the dicts on the path; the arrays are shared.
+  node = out
+  for key in _POSEMB_PATH[:-1]:
+    node[key] = dict(node[key])
+    node = node[key]
+  node[_POSEMB_PATH[-1]] = resampled
+  return out
+
+
+def _save_config(config, workdir):
+  if jax.process_index() != 0:
+    return
+  tf.io.gfile.makedirs(workdir)
+  with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _meta(config, step):
+  return {'step': int(step), 'task': config.task, 'model_name': config.model.name}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation results by name."""
+  # -- Mesh --------------------------------------------------------------------------------------
+  sharding.initialize_distributed(config)
+  check_config(config)
+  mesh = sharding.make_mesh(config)
+  is_main = jax.process_index() == 0
+  _save_config(config, workdir)
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  logging.info('Mesh %s over %d devices (%d processes).', dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  # -- Model and optimizer -----------------------------------------------------------------------
+  total_steps = total_train_steps(config)
+  model = build_model_for(config)
+  abstract_params = train_step_lib.abstract_params(config, model, _image_shape(config))
+  opt = optimizer_lib.make_optimizer(config, abstract_params, total_steps)
+
+  # -- State: resume, init_from, or fresh --------------------------------------------------------
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                  save_every_steps=config.checkpoint_every_steps)
+  state, state_shardings = train_step_lib.create_train_state(config, model, opt, mesh,
+                                                              _image_shape(config))
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+    state = ckpt.restore(latest, abstract_state)
+    start_step = int(latest)
+    logging.info('Resumed from %s at step %d.', ckpt.directory, start_step)
+  else:
+    # The optimizer state does not depend on parameter values (Adam moments start at zero), so
+    # swapping the parameters of the freshly initialised state is enough.
+    params, description = _initial_params(config, state)
+    state = dict(state, params=params)
+    start_step = 0
+    logging.info('Initialised from %s.', description)
+  if is_main:
+    parameter_overview.log_parameter_overview(state['params'], include_stats=False,
+                                              msg='Parameters')
+
+  # -- Data ---------------------------------------------------------------------------------------
+  train_ds = input_pipeline.get_train_dataset(
+      config.input, config.task, seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count(), workdir=workdir)
+  train_iter = iter(train_ds)
+
+  # -- Update step and evaluators ----------------------------------------------------------------
+  step_fn = train_step_lib.make_train_step(config, model, opt, mesh, state_shardings)
+  evaluators = evaluate.make_evaluators(config, model, mesh)
+
+  def run_evals(step, final):
+    results_by_name = {}
+    for evaluator in evaluators:
+      every = evaluator.eval_config.get('every_steps')
+      if not final and not (every and step % every == 0):
+        continue
+      with report_progress.timed(f'eval_{evaluator.name}'):
+        results, images = evaluator.run(state['params'])
+      evaluate.write_results(workdir, evaluator.name, results, step=step, final=final)
+      writer.write_scalars(step, evaluate.summary_scalars(evaluator.name, results))
+      if images and is_main:
+        writer.write_images(step, {f'{evaluator.name}/{k}': v for k, v in images.items()})
+      logging.info('Eval %s at step %d: %s', evaluator.name, step,
+                   evaluate.summary_scalars(evaluator.name, results))
+      results_by_name[evaluator.name] = results
+    return results_by_name
+
+  # -- Loop ---------------------------------------------------------------------------------------
+  report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  pending_metrics = []
+  final_results = {}
+  step = start_step
+  try:
+    while step < total_steps:
+      step += 1
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        batch = sharding.global_batch(_train_fields(next(train_iter), config.task), mesh)
+        state, step_metrics = step_fn(state, batch)
+      pending_metrics.append(step_metrics)
+      report_progress(step)
+
+      preempted = ckpt.reached_preemption(step)
+      save_now = preempted or ckpt.should_save(step) or step == total_steps
+      if step % config.log_every_steps == 0 or save_now:
+        # Fetching the metrics syncs with the devices; a non-finite loss stops the run before
+        # anything is saved, so the last checkpoint stays a good one.
+        _write_train_metrics(writer, step, pending_metrics)
+        pending_metrics = []
+      if save_now:
+        ckpt.save(step, state, _meta(config, step), force=preempted or step == total_steps)
+      if preempted:
+        logging.warning('Preempted: checkpoint saved at step %d; exiting.', step)
+        ckpt.wait()
+        return {}
+      if step < total_steps:
+        run_evals(step, final=False)
+    final_results = run_evals(step, final=True)
+  finally:
+    ckpt.close()
+    writer.flush()
+  return final_results
+
+
+def _train_fields(local_batch: Mapping[str, np.ndarray], task: str) -> dict:
+  keys = train_step_lib.BATCH_KEYS[task]
+  missing = [k for k in keys if k not in local_batch]
+  if missing:
+    raise KeyError(f'Train batches for task {task!r} need {keys}; missing {missing}.')
+  return {k: local_batch[k] for k in keys}
+
+
+def _write_train_metrics(writer, step: int, pending: list) -> None:
+  fetched = jax.device_get(pending)
+  averaged = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+  for k, v in averaged.items():
+    if not np.isfinite(v) and k in ('loss', 'grad_norm'):
+      bad_steps = [step - len(fetched) + 1 + i for i, m in enumerate(fetched)
+                   if not np.isfinite(m[k])]
+      raise NonFiniteLossError(
+          f'Non-finite {k} ({v}) at step(s) {bad_steps[:5]}: training stopped and nothing was '
+          'saved after the last good checkpoint. Lower config.lr, set config.grad_clip_norm, '
+          'or check the input data, then restart (the run resumes from its last checkpoint).')
+  writer.write_scalars(step, {f'train/{k}': v for k, v in averaged.items()})

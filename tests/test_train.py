@@ -1,0 +1,218 @@
+"""The train loop end to end on the embedded digit scenes, with the tiny model.
+
+Covers the three-stage chain (supervised encoder -> DDeP -> fine-tuning) with the weights that
+must be carried, resume after a hard kill, SIGTERM (preemption), non-finite losses, and
+re-evaluating a checkpoint from the command line.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import flax
+import numpy as np
+import pytest
+
+from ddep_jax import checkpoints
+from ddep_jax import optimizer as optimizer_lib
+from ddep_jax import sharding
+from ddep_jax import train
+from ddep_jax import train_step as train_step_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(REPO, 'tests', 'tiny_config.py')
+sys.path.insert(0, os.path.join(REPO, 'tests'))
+import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _config(data_dir, **arg):
+  arg = ','.join(f'{k}={v}' for k, v in dict(data_dir=data_dir, **arg).items())
+  return tiny_config.get_config(arg)
+
+
+def _flat(params):
+  return {'/'.join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
+
+
+def _subprocess_env():
+  # The session's compilation cache (tests/conftest.py) is inherited through os.environ.
+  return dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2',
+              XLA_FLAGS='--xla_force_host_platform_device_count=8')
+
+
+def _main_command(config_arg, workdir):
+  return [sys.executable, '-m', 'ddep_jax.main', f'--config={CONFIG_FILE}:{config_arg}',
+          f'--workdir={workdir}']
+
+
+def _fresh_state(config):
+  """The state a run of `config` starts from (same seed, same init) before any init_from."""
+  model = train.build_model_for(config)
+  image_shape = train._image_shape(config)  # pylint: disable=protected-access
+  abstract = train_step_lib.abstract_params(config, model, image_shape)
+  opt = optimizer_lib.make_optimizer(config, abstract, config.total_steps)
+  mesh = sharding.make_mesh(config)
+  state, _ = train_step_lib.create_train_state(config, model, opt, mesh, image_shape)
+  return state
+
+
+def test_three_stage_chain_carries_the_right_weights(digit_scenes_dir, tmp_path):
+  # Stage 1: supervised encoder pretraining (classification of single-digit scenes).
+  supervised = _config(digit_scenes_dir, task='classify', steps=3, checkpoint_every=3)
+  results = train.train_and_evaluate(supervised, str(tmp_path / 'supervised'))
+  assert 0.0 <= results['val']['top1'] <= 1.0
+
+  # Stage 2: DDeP, encoder from stage 1 and frozen, decoder trained by denoising.
+  ddep = _config(digit_scenes_dir, task='denoise', steps=3, checkpoint_every=3, ddep=True)
+  with ddep.unlocked():
+    ddep.init_from.checkpoint = str(tmp_path / 'supervised')
+    ddep.init_from.params = ('encoder/.*',)
+  results = train.train_and_evaluate(ddep, str(tmp_path / 'ddep'))
+  assert np.isfinite(results['val']['loss']) and np.isfinite(results['val']['psnr'])
+
+  supervised_params = _flat(checkpoints.load_params(str(tmp_path / 'supervised'))[0])
+  ddep_params = _flat(checkpoints.load_params(str(tmp_path / 'ddep'))[0])
+  encoder_keys = [k for k in ddep_params if k.startswith('encoder/')]
+  assert encoder_keys
+  for k in encoder_keys:  # Frozen: bitwise the supervised encoder.
+    np.testing.assert_array_equal(ddep_params[k], supervised_params[k], err_msg=k)
+  fresh_decoder = _flat(_fresh_state(ddep)['params'])
+  changed = [k for k in ddep_params if k.startswith('decoder/') and
+             not np.array_equal(ddep_params[k], fresh_decoder[k])]
+  assert len(changed) > len([k for k in ddep_params if k.startswith('decoder/')]) // 2
+
+  # Stage 3: fine-tuning starts from the DDeP encoder + decoder, with a new 11-class head.
+  finetune = _config(digit_scenes_dir, task='segment', steps=8, checkpoint_every=2)
+  with finetune.unlocked():
+    finetune.init_from.checkpoint = str(tmp_path / 'ddep')
+  fresh = _fresh_state(finetune)
+  start, description = train._initial_params(finetune, fresh)  # pylint: disable=protected-access
+  start = _flat(start)
+  assert 'parameters from' in description
+  for k in ddep_params:
+    if k.startswith(('encoder/', 'decoder/')):
+      np.testing.assert_array_equal(start[k], ddep_params[k], err_msg=k)
+  fresh_flat = _flat(fresh['params'])
+  assert start['head/kernel'].shape[-1] == 11 and ddep_params['head/kernel'].shape[-1] == 3
+  np.testing.assert_array_equal(start['head/kernel'], fresh_flat['head/kernel'])
+  results = train.train_and_evaluate(finetune, str(tmp_path / 'finetune'))
+  assert 0.0 <= results['val']['mIoU'] <= 1.0
+  with open(tmp_path / 'finetune' / 'results' / 'val.json') as f:
+    written = json.load(f)
+  assert written['final'] is True and written['step'] == 8
+  assert written['mIoU'] == pytest.approx(results['val']['mIoU'])
+
+
+def test_init_from_errors_name_paths_and_shapes(digit_scenes_dir, tmp_path):
+  config = _config(digit_scenes_dir, task='segment', steps=1)
+  with config.unlocked():
+    config.init_from.checkpoint = str(tmp_path / 'missing')
+  with pytest.raises(FileNotFoundError, match='No Orbax checkpoint found'):
+    train._initial_params(config, _fresh_state(config))  # pylint: disable=protected-access
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(digit_scenes_dir, tmp_path):
+  arg = f'task=segment,steps=8,checkpoint_every=2,data_dir={digit_scenes_dir}'
+  env = _subprocess_env()
+  # The uninterrupted reference, run by the command line tool.
+  subprocess.run(_main_command(arg, tmp_path / 'reference'), env=env, check=True,
+                 capture_output=True, timeout=600)
+  # The same run, killed hard (SIGKILL: no chance to clean up) once its step-4 checkpoint is
+  # complete, then resumed.
+  killed = subprocess.Popen(_main_command(arg, tmp_path / 'killed'), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  step4 = tmp_path / 'killed' / 'checkpoints' / '4'
+  deadline = time.time() + 600
+  while not (step4 / 'meta').exists() and killed.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  killed.kill()
+  killed.wait()
+  latest = checkpoints.Checkpointer(str(tmp_path / 'killed'))
+  resumed_from = latest.latest_step()
+  latest.close()
+  assert resumed_from is not None and 4 <= resumed_from < 8
+  subprocess.run(_main_command(arg, tmp_path / 'killed'), env=env, check=True,
+                 capture_output=True, timeout=600)
+  reference, step_a = checkpoints.load_params(str(tmp_path / 'reference'))
+  resumed, step_b = checkpoints.load_params(str(tmp_path / 'killed'))
+  assert step_a == step_b == 8
+  reference, resumed = _flat(reference), _flat(resumed)
+  for k in reference:
+    np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
+
+
+def test_sigterm_saves_and_exits_then_resumes(digit_scenes_dir, tmp_path):
+  arg = f'task=denoise,steps=400,checkpoint_every=1000,data_dir={digit_scenes_dir}'
+  env = _subprocess_env()
+  process = subprocess.Popen(_main_command(arg, tmp_path / 'run'), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  seen_training = threading.Event()
+  log_lines = []
+
+  def read_log():
+    for line in process.stderr:
+      log_lines.append(line)
+      if 'train/loss' in line:
+        seen_training.set()
+
+  reader = threading.Thread(target=read_log, daemon=True)
+  reader.start()
+  assert seen_training.wait(600), ''.join(log_lines[-30:])
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=300) == 0, ''.join(log_lines[-30:])
+  reader.join(timeout=10)
+  assert any('Preempted: checkpoint saved at step' in line for line in log_lines)
+  ckpt = checkpoints.Checkpointer(str(tmp_path / 'run'))
+  saved = ckpt.latest_step()
+  ckpt.close()
+  # Saved at the step where the signal arrived: not a periodic save, and not the end.
+  assert saved is not None and 0 < saved < 400
+  assert not (tmp_path / 'run' / 'results' / 'val.json').exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(digit_scenes_dir, tmp_path):
+  # An absurd learning rate blows the parameters up within a few steps.
+  config = _config(digit_scenes_dir, task='segment', steps=6, checkpoint_every=1, lr='1e38')
+  with config.unlocked():
+    config.log_every_steps = 1
+  with pytest.raises(train.NonFiniteLossError, match='Non-finite'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  params, step = checkpoints.load_params(str(tmp_path / 'run'))
+  assert step < 6
+  assert all(np.all(np.isfinite(v)) for v in _flat(params).values())
+
+
+def test_evaluate_command_reproduces_final_results(digit_scenes_dir, tmp_path):
+  arg = f'task=segment,steps=8,checkpoint_every=2,data_dir={digit_scenes_dir}'
+  config = _config(digit_scenes_dir, task='segment', steps=8, checkpoint_every=2)
+  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  env = _subprocess_env()
+  subprocess.run([sys.executable, '-m', 'ddep_jax.evaluate', f'--config={CONFIG_FILE}:{arg}',
+                  f'--workdir={tmp_path / "eval"}', f'--checkpoint={tmp_path / "run"}'],
+                 env=env, check=True, capture_output=True, timeout=600)
+  with open(tmp_path / 'eval' / 'results' / 'val.json') as f:
+    evaluated = json.load(f)
+  assert evaluated['checkpoint_step'] == 8
+  assert evaluated['mIoU'] == pytest.approx(results['val']['mIoU'], abs=1e-7)
+  assert evaluated['per_class_iou'].keys() == results['val']['per_class_iou'].keys()
+  for name, iou in results['val']['per_class_iou'].items():
+    assert evaluated['per_class_iou'][name] == pytest.approx(iou, abs=1e-7, nan_ok=True)
+
+
+def test_config_errors_are_clear(digit_scenes_dir):
+  config = _config(digit_scenes_dir, task='segment')
+  with config.unlocked():
+    config.num_classes = 5
+  with pytest.raises(ValueError, match='num_classes=5 but dataset'):
+    train.check_config(config)
+  config = _config(digit_scenes_dir, task='segment')
+  with config.unlocked():
+    config.total_steps = 0
+  with pytest.raises(ValueError, match='total_steps or config.total_epochs'):
+    train.check_config(config)
+  with pytest.raises(ValueError, match='Unknown config argument'):
+    tiny_config.get_config('tsk=segment')
