@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 test: install
-	$(TEST_ENV) $(PY) -m pytest -n 2 --durations=15 tests
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=20 tests
 
 demo: install
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m ddep_jax.demo --workdir=$(DEMO_WORKDIR)
