@@ -23,7 +23,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
   Values are Python literals where they parse as one (`3`, `0.05`, `True`, `None`, `(0.9,0.95)`)
   and strings otherwise; a value's type must match its default's unless the default is None.
-  Tuples are written with `+` instead of commas: `gamma_range=0.9+0.95`.
+  Tuples are written with `+` instead of commas: `gamma_range=0.9+0.95`. Keys whose default is a
+  string take the text as written, `+` included (`npz=/ckpt/R50+ViT-B_16.npz`).
   """
   result = ml_collections.ConfigDict(defaults)
   if not arg:
@@ -42,6 +43,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def _parse_value(text: str, default: Any, key: str) -> Any:
+  if isinstance(default, str):
+    return text  # Paths and names: file names such as R50+ViT-B_16.npz contain '+'.
   if '+' in text:
     return tuple(_parse_value(t, None, key) for t in text.split('+'))
   try:

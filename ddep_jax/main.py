@@ -1,6 +1,7 @@
 r"""Command line of the trainer: flags only; the work happens in `train.train_and_evaluate`.
 
-  python -m ddep_jax.main --config=configs/ddep_pretrain.py:decoder_width=1 \
+  python -m ddep_jax.main \
+      --config=configs/ddep_pretrain.py:decoder_width=1,npz=/ckpt/R50+ViT-B_16.npz \
       --workdir=/tmp/ddep --config.lr=1e-4
 
 The config is locked: a misspelt `--config.<field>` is an error, not a silently new field.

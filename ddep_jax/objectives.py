@@ -23,6 +23,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 import optax
 
 # Same value as `ddep_jax.data.datasets.IGNORE_LABEL` (not imported here: objectives stay free of
@@ -44,8 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
       denoising=dict(
           noise_type='scaled',
           noise_std=0.22,
-          gamma=None,
-          gamma_range=None,
+          # Typed placeholders (None unless set), so `--config.denoising.gamma=0.95` works.
+          gamma=config_dict.placeholder(float),
+          gamma_range=config_dict.placeholder(tuple),
           predict_target='noise',
       ),
       classification_loss='softmax',

@@ -30,6 +30,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import ml_collections
+from ml_collections import config_dict
 import optax
 
 OPTIMIZERS = ('adam', 'adamw')
@@ -49,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
       wd=0.0,
       wd_mults=(('.*/kernel$', 1.0),),
       lr_mults=(),
-      grad_clip_norm=None,
+      grad_clip_norm=config_dict.placeholder(float),  # None: no clipping.
       schedule=(('.*', dict(decay_type='cosine', warmup_steps=0)),),
   ))
 

@@ -1,7 +1,8 @@
 r"""Expands a config's sweep into concrete runs and runs them one after another.
 
-  python -m experiments.sweep --config=configs/cityscapes.py:decoder_width=1 \
-      --workdir_root=/tmp/sweeps/cityscapes [--dry_run] [--only='init=ddep-*']
+  python -m experiments.sweep \
+      --config=configs/cityscapes.py:sweep=fig6,pretrain_root=/tmp/pretrain \
+      --workdir_root=/tmp/sweeps/cityscapes [--dry_run] [--only='decoder_width=1-init=ddep-*']
 
 `get_sweep(hyper, arg)` of the config file (see `experiments.hyper`) lists the runs. Each run gets
 the work directory `<workdir_root>/<name>`, where the name is made of the run's tags sorted by
@@ -368,7 +369,8 @@ def run_sweep(runs: Sequence[Run], *, python: str = sys.executable, extra: Seque
 def _define_flags() -> None:
   """Defines the flags; only when run as a program, so the module imports as a library."""
   flags.DEFINE_string('config', None, 'Config file and argument, e.g. '
-                      'configs/cityscapes.py:decoder_width=2; the file must define get_sweep.')
+                      'configs/cityscapes.py:sweep=fig6,pretrain_root=DIR; the file must '
+                      'define get_sweep.')
   flags.DEFINE_string('workdir_root', None, 'Directory (local or gs://) under which each run '
                       'gets <workdir_root>/<run name>.')
   flags.DEFINE_bool('dry_run', False, 'Print the commands; write and run nothing.')

@@ -8,11 +8,11 @@ Every dataset the pipelines read is described by a `DatasetSpec`. Segmentation s
 * `UNEXPECTED_LABEL` (-1) for values the dataset never stores; the pipeline maps them to 255 too,
   but counts them per example (`num_invalid_label_pixels`) so corrupt masks are noticed.
 
-Names: `cityscapes`, `ade20k`, `pascal_context_59`, `pascal_context_60`, `voc2012`,
-`voc2012_images`, `imagenet21k_fall11`, `imagenet21k_winter21`, `digit_scenes`,
-`digit_scenes_classification`, `digit_scenes_unlabeled`, and any TFDS image dataset as
-`tfds:<name>` (e.g. `tfds:imagenet2012`). Any spec's images can feed denoising pretraining
-(paper Table 3 pretrains decoders on the target datasets' own images).
+Names: `cityscapes`, `cityscapes_fine_coarse`, `ade20k`, `pascal_context_59`,
+`pascal_context_60`, `voc2012`, `voc2012_images`, `imagenet21k_fall11`, `imagenet21k_winter21`,
+`digit_scenes`, `digit_scenes_classification`, `digit_scenes_unlabeled`, and any TFDS image
+dataset as `tfds:<name>` (e.g. `tfds:imagenet2012`). Any spec's images can feed denoising
+pretraining (paper Table 3 pretrains decoders on the target datasets' own images).
 """
 
 import dataclasses
@@ -205,6 +205,10 @@ for _spec in [
         label_key='segmentation_mask', num_classes=21, label_table=_identity_table(21),
         class_names=VOC_CLASSES),
     DatasetSpec(name='voc2012_images', tfds_name='ddep_voc2012/images', kind=IMAGES),
+    # Cityscapes fine + coarse images for denoising pretraining (paper Table 3): TFDS's
+    # `semantic_segmentation_extra` adds leftImg8bit_trainextra.zip (split 'train_extra').
+    DatasetSpec(name='cityscapes_fine_coarse', tfds_name='cityscapes/semantic_segmentation_extra',
+                kind=IMAGES, image_key='image_left'),
     DatasetSpec(name='imagenet21k_fall11', tfds_name='ddep_imagenet21k/fall11',
                 kind=CLASSIFICATION, label_key='label', num_classes=21841),
     DatasetSpec(name='imagenet21k_winter21', tfds_name='ddep_imagenet21k/winter21',

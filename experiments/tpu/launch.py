@@ -2,7 +2,8 @@ r"""Runs a config, or a whole sweep, on a Cloud TPU VM pod slice with `gcloud`.
 
   python -m experiments.tpu.launch --tpu_name=ddep-v4-32 --zone=us-central2-b \
       --project=my-project --accelerator_type=v4-32 --spot \
-      --config=configs/cityscapes.py:decoder_width=2 --workdir_root=gs://my-bucket/cityscapes \
+      --config=configs/cityscapes.py:sweep=fig6,pretrain_root=gs://my-bucket/pretrain \
+      --workdir_root=gs://my-bucket/cityscapes \
       --tfds_data_dir=gs://my-bucket/tensorflow_datasets [--dry_run]
 
 `--action=launch` (the default):
@@ -329,7 +330,7 @@ def _define_flags() -> None:
   flags.DEFINE_bool('spot', False, 'Create a Spot TPU VM.')
   flags.DEFINE_bool('preemptible', False, 'Create a preemptible TPU VM.')
   flags.DEFINE_string('config', None, 'Config file (relative to the repo) and argument, e.g. '
-                      'configs/cityscapes.py:decoder_width=2.')
+                      'configs/cityscapes.py:sweep=fig6,pretrain_root=gs://my-bucket/pretrain.')
   flags.DEFINE_string('workdir', None, 'gs:// work directory of a single run.')
   flags.DEFINE_string('workdir_root', None, 'gs:// root of the runs of the config\'s sweep.')
   flags.DEFINE_multi_string('only', [], 'Only sweep runs whose name matches this glob.')
