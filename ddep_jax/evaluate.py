@@ -3,7 +3,8 @@ r"""Evaluation: segmentation mIoU, denoising loss / PSNR, classification top-1.
 Used by the train loop (periodic and final evaluations) and as a command line tool that restores
 a checkpoint and evaluates it, writing `results/<eval_name>.json`:
 
-  python -m ddep_jax.evaluate --config=configs/cityscapes.py:init=ddep \
+  python -m ddep_jax.evaluate \
+      --config=configs/cityscapes.py:init=ddep,init_ckpt=/path/to/ddep_run \
       --workdir=/path/to/run [--checkpoint=/path/to/run/checkpoints/90000]
 
 Every evaluator runs one jitted step per global batch on the device mesh; sums (confusion
@@ -86,7 +87,7 @@ class Evaluator:
     out, _ = self.model.apply({'params': params}, images, train=False)
     return out
 
-  def _batch_statistics(self, params, batch, batch_index):
+  def _batch_statistics(self, params, batch):
     valid = batch['valid']
     if self.task == 'segment':
       ec = self.eval_config
@@ -102,9 +103,10 @@ class Evaluator:
       return {'confusion': confusion, 'predictions': predictions[:_NUM_SUMMARY_IMAGES]}
     if self.task == 'denoise':
       images = batch['image']
-      global_index = batch_index * images.shape[0] + jnp.arange(images.shape[0])
-      keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(_EVAL_NOISE_SEED), i))(
-          global_index)
+      # The noise of an example is keyed by its id, not by its place in the global batch (which
+      # changes with the batch size and the number of processes).
+      keys = jax.vmap(lambda h: jax.random.fold_in(jax.random.key(_EVAL_NOISE_SEED), h))(
+          batch['id_hash'])
       noisy, target, gamma = objectives.denoising_inputs(images, keys, self.config.denoising)
       out, _ = self.model.apply({'params': params}, noisy, train=False, noise_level=gamma)
       per_example_loss = jnp.mean(jnp.square(out - target), axis=(1, 2, 3))
@@ -144,8 +146,9 @@ class Evaluator:
       if batch_index >= num_batches:
         break
       batch = sharding.global_batch(
-          {k: local_batch[k] for k in ('image', 'label', 'valid') if k in local_batch}, self.mesh)
-      stats = self._step_fn(params, batch, jnp.int32(batch_index))
+          {k: local_batch[k] for k in ('image', 'label', 'valid', 'id_hash') if k in local_batch},
+          self.mesh)
+      stats = self._step_fn(params, batch)
       if confusion is not None:
         confusion.update(stats['confusion'])
       for k, v in stats.items():
@@ -238,7 +241,8 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str | None = None) -> 
     results, _ = evaluator.run(params)
     results['checkpoint_step'] = step
     write_results(workdir, evaluator.name, results, step=step, final=True)
-    logging.info('%s at step %d: %s', evaluator.name, step, summary_scalars(evaluator.name, results))
+    logging.info('%s at step %d: %s', evaluator.name, step,
+                 summary_scalars(evaluator.name, results))
     all_results[evaluator.name] = results
   return all_results
 

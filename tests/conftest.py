@@ -38,7 +38,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope='session')
 def digit_scenes_dir(tmp_path_factory):
-  """A TFDS data_dir with the embedded demo dataset prepared (all three configs), once per worker."""
+  """A TFDS data_dir with the embedded demo dataset prepared (all three configs), per worker."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,redefined-outer-name
   import ddep_jax.data.builders  # pylint: disable=g-import-not-at-top,unused-import
   data_dir = str(tmp_path_factory.mktemp('tfds'))

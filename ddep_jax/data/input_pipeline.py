@@ -14,9 +14,12 @@ Batches are dicts of numpy arrays, this process's slice of the global batch:
   denoise:  {'image'}
   segment:  {'image', 'label', 'num_invalid_label_pixels'}
   classify: {'image', 'label'}
-and eval batches add 'valid' bool [B] and 'orig_size' int32 [B, 2]. `num_invalid_label_pixels`
-(int32 [B]) counts mask pixels holding values the dataset never uses; they are trained/evaluated
-as ignore (255), and the trainer can sum the count to notice corrupt masks.
+and eval batches add 'valid' bool [B], 'orig_size' int32 [B, 2] and 'id_hash' int32 [B] (a
+stable hash of the example's id, 0 for padding: it keys per-example evaluation randomness, such as
+the denoising noise, by the example rather than by its place in a batch, which depends on the
+batch size and the number of processes). `num_invalid_label_pixels` (int32 [B]) counts mask
+pixels holding values the dataset never uses; they are trained/evaluated as ignore (255), and the
+trainer can sum the count to notice corrupt masks.
 """
 
 import dataclasses
@@ -66,7 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Keep this process's encoded examples in memory after the first epoch; None: only when a
   # labelled subset is used (else every epoch would re-read the whole split to filter it).
   c.cache = config_dict.placeholder(bool)
-  c.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  # TFDS data_dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.data_dir = config_dict.placeholder(str)
   c.skip_corrupt = False  # Skip (and count) undecodable examples instead of raising.
   c.deterministic = True  # False lets tf.data reorder elements for speed (breaks exact resume).
   c.threadpool_size = 48  # tf.data private threadpool (per process).
@@ -585,7 +589,8 @@ def _eval_preprocess(source: _Source, resize, pad_to) -> Callable:
 
   def preprocess(ex):
     image, mask = _decode(source, ex)
-    out = {'valid': tf.constant(True)}
+    out = {'valid': tf.constant(True),
+           'id_hash': tf.cast(tf.strings.to_hash_bucket_fast(ex['key'], 2**31 - 1), tf.int32)}
     if task == 'segment':
       out['num_invalid_label_pixels'] = preprocessing.count_unexpected_labels(
           mask, spec.label_table)
