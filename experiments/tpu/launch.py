@@ -139,6 +139,12 @@ def _check(opts: Options) -> None:
   if not _SAFE_PATH_RE.match(opts.remote_dir):
     raise ValueError(f'--remote_dir={opts.remote_dir!r} must be a plain path relative to the '
                      f'home directory on the workers, e.g. ddep_jax.')
+  if opts.source == 'copy':
+    staging, local = os.path.realpath(opts.staging_dir), os.path.realpath(opts.local_dir)
+    if os.path.commonpath([staging, local]) == local:
+      # tar fails ("file changed as we read it") when it writes into the tree it packs.
+      raise ValueError(f'--staging_dir={opts.staging_dir!r} lies inside --local_dir='
+                       f'{opts.local_dir!r}; pick a directory outside the working tree, e.g. /tmp.')
 
 
 def install_commands(opts: Options) -> list[Command]:

@@ -188,21 +188,23 @@ def fake_gcloud(tmp_path, monkeypatch):
 def test_execute_creates_a_missing_tpu_then_installs_and_starts(repo, tmp_path, fake_gcloud):
   (repo / '.venv').mkdir()
   (repo / '.venv' / 'python').write_text('')
-  opts = launch.Options(**{**BASE, 'local_dir': str(repo), 'staging_dir': str(tmp_path)})
+  stage = tmp_path.parent / f'{tmp_path.name}-stage'
+  stage.mkdir()
+  opts = launch.Options(**{**BASE, 'local_dir': str(repo), 'staging_dir': str(stage)})
   launch.execute(launch.launch_commands(opts), out=io.StringIO())
   tpu = ['t', '--zone=z']
   calls = fake_gcloud()
   assert [c[:6] for c in calls] == [
       ['compute', 'tpus', 'tpu-vm', 'describe'] + tpu,
       ['compute', 'tpus', 'tpu-vm', 'create'] + tpu,
-      ['compute', 'tpus', 'tpu-vm', 'scp', str(tmp_path / 'run-src.tar.gz'), 't:'],
+      ['compute', 'tpus', 'tpu-vm', 'scp', str(stage / 'run-src.tar.gz'), 't:'],
       ['compute', 'tpus', 'tpu-vm', 'ssh'] + tpu,
       ['compute', 'tpus', 'tpu-vm', 'ssh'] + tpu,
   ]
   assert calls[1][6:] == ['--accelerator-type=v4-8', '--version=tpu-ubuntu2204-base']
   assert calls[4][7].startswith('--command=mkdir -p "$HOME/ddep_logs" && cd ddep_jax')
   # The tarball holds the working tree, without what must not travel.
-  listing = subprocess.run(['tar', '-tzf', str(tmp_path / 'run-src.tar.gz')], check=True,
+  listing = subprocess.run(['tar', '-tzf', str(stage / 'run-src.tar.gz')], check=True,
                            capture_output=True, text=True).stdout.split()
   assert './configs/demo.py' in listing and not [p for p in listing if '.venv' in p]
 
@@ -224,3 +226,9 @@ def test_execute_without_gcloud_says_what_to_do(monkeypatch, tmp_path):
   with pytest.raises(RuntimeError, match=r'gcloud not found on PATH. Install the Google Cloud '
                      r'CLI \(https://cloud.google.com/sdk/docs/install\).*--dry_run'):
     launch.execute(launch.delete_commands(launch.Options(tpu_name='t', zone='z')))
+
+
+def test_staging_dir_inside_the_shipped_tree_is_refused(repo):
+  opts = launch.Options(**{**BASE, 'local_dir': str(repo), 'staging_dir': str(repo / 'tmp')})
+  with pytest.raises(ValueError, match='staging_dir.*inside --local_dir'):
+    launch.launch_commands(opts)

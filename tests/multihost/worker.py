@@ -53,12 +53,16 @@ STATE_STEP = 3
 
 _CHECKS = ('input', 'state')
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('check', None, _CHECKS, 'What to run.')
-flags.DEFINE_string('data_dir', None, 'TFDS data_dir with the digit scenes prepared.')
-flags.DEFINE_string('out', None, 'Output directory shared by the processes.')
-flags.DEFINE_integer('process_id', None, 'This process.')
-flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
-flags.DEFINE_integer('port', None, "The coordinator's port on 127.0.0.1.")
+
+
+def _define_flags() -> None:
+  # Only when run as a script: test_multihost imports this module next to others with flags.
+  flags.DEFINE_enum('check', None, _CHECKS, 'What to run.')
+  flags.DEFINE_string('data_dir', None, 'TFDS data_dir with the digit scenes prepared.')
+  flags.DEFINE_string('out', None, 'Output directory shared by the processes.')
+  flags.DEFINE_integer('process_id', None, 'This process.')
+  flags.DEFINE_integer('num_processes', None, 'Processes in the job.')
+  flags.DEFINE_integer('port', None, "The coordinator's port on 127.0.0.1.")
 
 
 # -- Configs and data, shared with the test process -----------------------------------------------
@@ -271,5 +275,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['check', 'data_dir', 'out', 'process_id', 'num_processes', 'port'])
   app.run(main)

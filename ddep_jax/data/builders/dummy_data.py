@@ -306,24 +306,31 @@ WRITERS = {
     'cityscapes': write_cityscapes,
 }
 
-_OUT = flags.DEFINE_string('out', None, 'Directory to write the archives into (created).')
-_DATASETS = flags.DEFINE_list('datasets', list(WRITERS), f'Which of {list(WRITERS)} to write.')
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  # Defined only when run as a script: importing this module (tests, other CLIs) must not claim
+  # global absl flag names such as --out.
+  flags.DEFINE_string('out', None, 'Directory to write the archives into (created).')
+  flags.DEFINE_list('datasets', list(WRITERS), f'Which of {list(WRITERS)} to write.')
+  flags.mark_flag_as_required('out')
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  unknown = set(_DATASETS.value) - set(WRITERS)
+  unknown = set(FLAGS.datasets) - set(WRITERS)
   if unknown:
     raise app.UsageError(f'Unknown --datasets {sorted(unknown)}; choose from {list(WRITERS)}.')
-  out_dir = pathlib.Path(_OUT.value)
+  out_dir = pathlib.Path(FLAGS.out)
   out_dir.mkdir(parents=True, exist_ok=True)
-  for name in _DATASETS.value:
+  for name in FLAGS.datasets:
     WRITERS[name](out_dir)
-  print(f'Wrote {", ".join(_DATASETS.value)} dummy archives to {out_dir}:')
+  print(f'Wrote {", ".join(FLAGS.datasets)} dummy archives to {out_dir}:')
   for path in sorted(out_dir.iterdir()):
     print(f'  {path.name}  ({path.stat().st_size:,} bytes)')
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('out')
+  _define_flags()
   app.run(main)
