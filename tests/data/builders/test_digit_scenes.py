@@ -97,7 +97,7 @@ def test_scene_masks_hold_exactly_the_placed_digits(sources):
     expected = {int(labels[row]) + 1 for row in placed}
     assert set(np.unique(mask).tolist()) - {0} == expected
     counts.append(len(placed))
-  assert min(counts) >= 1 and max(counts) == 4
+  assert min(counts) >= 1 and max(counts) == config.digits_per_scene[1]
 
 
 def test_builder_output_values(tmp_path, build, read_split):

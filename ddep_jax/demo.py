@@ -1,0 +1,492 @@
+r"""`make demo`: a miniature DDeP reproduction, end to end, on a laptop CPU.
+
+  python -m ddep_jax.demo --workdir=workdirs/demo [--smoke]
+
+1. Prepares the embedded dataset `ddep_digit_scenes` (MNIST digits on photographs, built from
+   files inside installed wheels: no download) into `<workdir>/tfds` with TFDS.
+2. Pretrains, with the project's trainer and `configs/demo.py`: a supervised encoder
+   (`pretrain/supervised`), then DDeP, its decoder denoising with that encoder frozen
+   (`pretrain/ddep`), and DeP, the whole model denoising from scratch (`pretrain/dep`).
+3. Fine-tunes for segmentation from each initialisation (No pretraining, Supervised, DeP, DDeP)
+   at several label fractions, over several labelled subsets, all with one recipe: the sweep of
+   `configs/demo.py` (`get_sweep`), each run in `finetune/<run name>` with its `run.json`.
+4. Tabulates mIoU mean ± std per initialisation x label fraction with
+   `experiments.collect_results` (the paper's Table 2 / Fig. 6 shape) into `results.md` and
+   `results.csv`, and plots mIoU versus label fraction (Fig. 1, right) into
+   `label_efficiency.png`.
+
+Every run is a `ddep_jax.train.train_and_evaluate` call, in this process or, with `--jobs=2` (the
+default), in one worker process that takes the runs that do not depend on the supervised
+encoder (`execute_all`), so that both cores of a laptop are busy. JAX's persistent
+compilation cache (`<workdir>/jax_cache`) lets runs that compile the same programs (every
+fine-tuning run does) load them instead of compiling again. Running the demo again in the same
+work directory skips the runs whose results are final and resumes interrupted ones from their
+checkpoints; a run directory left by a different config (e.g. `--smoke` into the same work
+directory) is an error rather than silently reused.
+
+The demo needs the source tree (`configs/demo.py`, `experiments/`), as `make demo` has.
+"""
+
+import dataclasses
+import datetime
+import json
+import logging as std_logging
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)  # `experiments` is a sibling of the package, not installed.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+from absl import logging
+import flax
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from ddep_jax import checkpoints
+from ddep_jax import train
+from ddep_jax.data import datasets
+from experiments import collect_results
+from experiments import fileio
+from experiments import hyper
+from experiments import sweep
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+CONFIG_FILE = os.path.join(REPO_ROOT, 'configs', 'demo.py')
+DATA_CONFIGS = ('segmentation', 'classification', 'unlabeled')  # ddep_digit_scenes configs.
+EVAL_NAME = 'val'
+# Table rows in the paper's order (Table 2): No pretraining, Supervised, DeP, DDeP.
+ROW_ORDER = ('none', 'supervised', 'dep', 'ddep')
+_DESCRIPTIONS = {
+    'supervised': 'supervised encoder (classify digits)',
+    'ddep': 'DDeP: decoder denoising, encoder frozen',
+    'dep': 'DeP: whole model denoising from scratch',
+}
+# Log records at INFO that reach the console: the trainer's own lines (mesh, initialisation,
+# evaluations), its train metrics and its steps/s reports. Anything at WARNING or above always.
+_INFO_SOURCES = (os.sep + 'ddep_jax' + os.sep, os.path.join('metric_writers', 'logging_writer'),
+                 'periodic_actions')
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up: logging, compilation cache, data.
+# ------------------------------------------------------------------------------------------------
+
+
+class _ModestFilter(std_logging.Filter):
+  """Passes warnings and the trainer's own INFO lines; drops library chatter (Orbax, TFDS, ...)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      # TensorFlow and TFDS repeat notices about their own deprecated APIs for every run.
+      return 'deprecated' not in record.getMessage()
+    return record.levelno >= std_logging.INFO and any(s in record.pathname
+                                                      for s in _INFO_SOURCES)
+
+
+def configure_logging() -> None:
+  """INFO from the trainer (a line per eval, train metrics every `log_every_steps`), quiet else."""
+  logging.set_verbosity(logging.INFO)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _ModestFilter) for f in handler.filters):
+    handler.addFilter(_ModestFilter())
+
+
+def enable_compilation_cache(cache_dir: str) -> None:
+  """Stores every compiled program under `cache_dir` and loads it back when compiled again.
+
+  Each `train_and_evaluate` builds new jitted functions, so JAX's in-memory caches never hit
+  across runs; the persistent cache is keyed by the program itself, so the fine-tuning runs
+  (same shapes, same constants) compile once and later runs (and re-runs of the demo) load it.
+  """
+  os.makedirs(cache_dir, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def prepare_data(data_dir: str) -> None:
+  """Builds the three `ddep_digit_scenes` configs into `data_dir` (no-op once prepared)."""
+  import ddep_jax.data.builders  # pylint: disable=g-import-not-at-top,unused-import
+  for name in DATA_CONFIGS:
+    builder = tfds.builder(f'ddep_digit_scenes/{name}', data_dir=data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoRun:
+  """One trainer run of the demo: its name, config argument, work directory and tags."""
+  name: str
+  config_arg: str
+  workdir: str
+  task: str
+  tags: dict[str, Any] = dataclasses.field(default_factory=dict)
+  overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  sweep_run: sweep.Run | None = None  # Fine-tuning runs: the sweep entry (for run.json).
+
+
+def _check_path(kind: str, path: str) -> str:
+  for character in ',+=':
+    if character in path:
+      raise ValueError(f'{kind} {path!r} contains {character!r}, which the config argument '
+                       f'({CONFIG_FILE}:k=v,...) cannot hold; choose a path without ",", "+" '
+                       'and "=".')
+  return path
+
+
+def base_arg(workdir: str, data_dir: str, smoke: bool) -> str:
+  """The config argument shared by every run of one demo."""
+  return (f'root={_check_path("--workdir", workdir)},'
+          f'data_dir={_check_path("--data_dir", data_dir)},runlocal={smoke}')
+
+
+def plan_runs(workdir: str, data_dir: str, smoke: bool) -> list[DemoRun]:
+  """Every run of the demo, in the order they must run: pretraining, then the sweep."""
+  config_module = sweep.load_config_module(CONFIG_FILE)
+  arg = base_arg(workdir, data_dir, smoke)
+  runs = []
+  for stage in config_module.PRETRAIN_STAGES:
+    stage_arg = f'stage={stage},{arg}'
+    runs.append(DemoRun(name=f'pretrain/{stage}', config_arg=stage_arg,
+                        workdir=os.path.join(workdir, 'pretrain', stage),
+                        task=config_module.get_config(stage_arg).task))
+  sweep_runs = sweep.expand(CONFIG_FILE, f'stage=finetune,{arg}',
+                            config_module.get_sweep(hyper, f'stage=finetune,{arg}'),
+                            os.path.join(workdir, 'finetune'))
+  for run in sweep_runs:
+    runs.append(DemoRun(name=f'finetune/{run.name}', config_arg=run.config_arg,
+                        workdir=run.workdir, task='segment', tags=run.tags,
+                        overrides=run.overrides, sweep_run=run))
+  return runs
+
+
+def run_config(run: DemoRun):
+  """The locked config of `run`: `get_config(config_arg)` plus the sweep's overrides."""
+  config = sweep.load_config_module(CONFIG_FILE).get_config(run.config_arg)
+  if run.overrides:
+    with config.unlocked():
+      config.update_from_flattened_dict(dict(run.overrides), strip_prefix='config.')
+  return config
+
+
+def config_json(config) -> dict:
+  """The config as its `config.json` reads back (tuples as lists)."""
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def check_same_config(run: DemoRun, config) -> None:
+  """Refuses to reuse a run directory whose `config.json` differs from this demo's config."""
+  path = os.path.join(run.workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  stored = fileio.read_json(path)
+  wanted = config_json(config)
+  if stored != wanted:
+    stored, wanted = flat_config(stored), flat_config(wanted)
+    differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+    raise ValueError(f'{run.workdir} holds a run of a different config (differs in '
+                     f'{differ[:8]}), e.g. a --smoke run or an edited configs/demo.py. Use '
+                     'another --workdir, or delete that directory to run it again.')
+
+
+def flat_config(tree: dict) -> dict[str, Any]:
+  """A JSON config as {'dotted.key': value}."""
+  return flax.traverse_util.flatten_dict(tree, sep='.')
+
+
+def final_results(workdir: str) -> dict | None:
+  """The run's final `results/val.json`, or None when it has not finished."""
+  if sweep.status(workdir) != 'finished':
+    return None
+  return fileio.read_json(os.path.join(workdir, 'results', f'{EVAL_NAME}.json'))
+
+
+def summarize(task: str, results: dict) -> str:
+  """The one number (or two) that says how a run did."""
+  if task == 'segment':
+    return f'mIoU {100 * results["mIoU"]:.2f}'
+  if task == 'classify':
+    return f'top-1 {100 * results["top1"]:.1f} %'
+  return (f'denoising loss {results["loss"]:.4f}, PSNR {results["psnr"]:.2f} dB '
+          f'(noisy input {results["psnr_input"]:.2f} dB)')
+
+
+def describe(run: DemoRun) -> str:
+  if run.sweep_run is None:
+    return _DESCRIPTIONS[run.name.split('/', 1)[1]]
+  tags = dict(run.tags)
+  fraction = tags.pop('label_fraction')
+  return (f'fine-tune init={tags.pop("init")}, {100 * fraction:g} % labels, '
+          f'subset {tags.pop("subset_seed")}')
+
+
+def _clock(seconds: float) -> str:
+  return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+def execute(indexed_runs: Sequence[tuple[int, DemoRun]], *, total: int,
+            start_time: float) -> None:
+  """Runs (or skips, when finished) each `(index, run)` in order, printing one line per run."""
+  width = len(str(total))
+  for index, run in indexed_runs:
+    config = run_config(run)
+    check_same_config(run, config)
+    prefix = f'[{index:>{width}}/{total}] {describe(run)}'
+    results = final_results(run.workdir)
+    if results is not None:
+      print(f'{prefix}: finished earlier, {summarize(run.task, results)}', flush=True)
+      continue
+    if run.sweep_run is not None:
+      fileio.write_json(os.path.join(run.workdir, 'run.json'), run.sweep_run.run_json())
+    print(f'{prefix} ...', flush=True)
+    started = time.time()
+    all_results = train.train_and_evaluate(config, run.workdir)
+    if EVAL_NAME not in all_results:
+      raise RuntimeError(f'{run.workdir} stopped before its final evaluation (preempted?); run '
+                         'the demo again to resume it.')
+    print(f'{prefix}: {summarize(run.task, all_results[EVAL_NAME])} '
+          f'({time.time() - started:.0f} s; {_clock(time.time() - start_time)} so far)',
+          flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers: other processes that run some of the runs, so that two CPU cores are both busy.
+# ------------------------------------------------------------------------------------------------
+
+
+class _Workers:
+  """Worker processes (`python -m ddep_jax.demo --runs=...`), each running its runs in order.
+
+  A worker shares the work directory, the data and the compilation cache, and prints its
+  progress lines to this process's stdout / stderr. Used as a context manager: leaving the
+  block waits for every worker; an error in this process first stops them (SIGTERM: the trainer
+  saves a checkpoint and exits, so a later run of the demo resumes).
+  """
+
+  def __init__(self, workdir: str, data_dir: str, smoke: bool, start_time: float):
+    self._common = [sys.executable, '-m', 'ddep_jax.demo', f'--workdir={workdir}',
+                    f'--data_dir={data_dir}', '--smoke' if smoke else '--nosmoke',
+                    f'--started_at={start_time!r}']
+    self._processes = []
+
+  def start(self, runs: Sequence[DemoRun]) -> None:
+    if not runs:
+      return
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([REPO_ROOT] + [p for p in [env.get('PYTHONPATH')] if p])
+    command = self._common + ['--runs=' + ','.join(run.name for run in runs)]
+    self._processes.append((subprocess.Popen(command, cwd=REPO_ROOT, env=env),
+                            [run.name for run in runs]))
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is not None:
+      for process, _ in self._processes:
+        if process.poll() is None:
+          process.terminate()
+    failed = [(process.wait(), names) for process, names in self._processes]
+    failed = [(code, names) for code, names in failed if code != 0]
+    if failed and exc_type is None:
+      details = '; '.join(f'exit status {code} while running {names}' for code, names in failed)
+      raise RuntimeError(f'{len(failed)} demo worker(s) failed ({details}); their errors are '
+                         'above. Run the demo again to resume.')
+    return False
+
+
+# The runs form two chains that share nothing, so two processes can run them side by side:
+# supervised -> DDeP -> fine-tuning from either, and DeP -> fine-tuning from DeP or from scratch.
+_LANE_OF_STAGE = {'supervised': 0, 'ddep': 0, 'dep': 1}
+_LANE_OF_INIT = {'supervised': 0, 'ddep': 0, 'none': 1, 'dep': 1}
+
+
+def lanes(runs: Sequence[DemoRun]) -> list[list[tuple[int, DemoRun]]]:
+  """The two independent chains of runs (see `_LANE_OF_STAGE`), as (index, run) in order."""
+  split = [[], []]
+  for index, run in enumerate(runs, 1):
+    lane = (_LANE_OF_INIT[run.tags['init']] if run.sweep_run is not None
+            else _LANE_OF_STAGE[run.name.split('/', 1)[1]])
+    split[lane].append((index, run))
+  return split
+
+
+def execute_all(runs: Sequence[DemoRun], *, jobs: int, workdir: str, data_dir: str, smoke: bool,
+                start_time: float) -> None:
+  """Runs every run: in this process (`jobs=1`), or in two (`jobs=2`), one chain each.
+
+  With two, a worker process takes the DeP chain (DeP, then fine-tuning from scratch and from
+  DeP) while this process runs supervised -> DDeP and the fine-tuning from those. The first to
+  reach fine-tuning compiles its programs; the other loads them from the cache if they are there
+  by then (else it compiles them too).
+  """
+  if jobs not in (1, 2):
+    raise ValueError(f'jobs={jobs}: the demo runs in 1 or 2 processes (its runs form two '
+                     'independent chains).')
+  total = len(runs)
+  if jobs == 1:
+    execute(list(enumerate(runs, 1)), total=total, start_time=start_time)
+    return
+  own, other = lanes(runs)
+  with _Workers(workdir, data_dir, smoke, start_time) as workers:
+    if all(final_results(r.workdir) is not None for _, r in other):
+      execute(other, total=total, start_time=start_time)  # Only prints their lines.
+    else:
+      workers.start([r for _, r in other])
+    execute(own, total=total, start_time=start_time)
+
+
+def execute_named(names: Sequence[str], *, workdir: str, data_dir: str, smoke: bool,
+                  start_time: float) -> None:
+  """A worker's job: the runs called `names` (numbered as in the whole demo)."""
+  runs = plan_runs(workdir, data_dir, smoke)
+  by_name = {run.name: (i, run) for i, run in enumerate(runs, 1)}
+  unknown = [n for n in names if n not in by_name]
+  if unknown:
+    raise ValueError(f'--runs names unknown runs {unknown}; the demo has {sorted(by_name)}.')
+  execute([by_name[n] for n in names], total=len(runs), start_time=start_time)
+
+
+def check_frozen_encoder(workdir: str) -> tuple[int, int]:
+  """(#encoder arrays bitwise equal, #encoder arrays) between the DDeP and supervised runs."""
+  supervised, _ = checkpoints.load_params(os.path.join(workdir, 'pretrain', 'supervised'))
+  ddep, _ = checkpoints.load_params(os.path.join(workdir, 'pretrain', 'ddep'))
+  flat_supervised = flax.traverse_util.flatten_dict(supervised['encoder'])
+  flat_ddep = flax.traverse_util.flatten_dict(ddep['encoder'])
+  equal = sum(1 for k, v in flat_ddep.items()
+              if k in flat_supervised and np.array_equal(v, flat_supervised[k]))
+  return equal, len(flat_ddep)
+
+
+# ------------------------------------------------------------------------------------------------
+# Results.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+  """What the demo wrote: the table (as a `collect_results.Table`) and the file paths."""
+  table: collect_results.Table
+  markdown: str
+  markdown_path: str
+  csv_path: str
+  plot_path: str
+
+
+def write_outputs(workdir: str) -> Outputs:
+  """Aggregates the fine-tuning runs into `results.md`, `results.csv`, `label_efficiency.png`."""
+  records = collect_results.load_records([os.path.join(workdir, 'finetune', '*')])
+  # One shared recipe: there are no hyper-parameters to choose per cell.
+  table = collect_results.aggregate(records, row_key='init', col_key='label_fraction',
+                                    seed_key='subset_seed', hparam_keys=(), metric='mIoU',
+                                    select_eval=EVAL_NAME, row_order=ROW_ORDER)
+  markdown = f'{collect_results.caption(table)}\n\n{collect_results.to_markdown(table)}\n'
+  paths = {name: os.path.join(workdir, name)
+           for name in ('results.md', 'results.csv', 'label_efficiency.png')}
+  with open(paths['results.md'], 'w', encoding='utf-8') as f:
+    f.write(markdown)
+  with open(paths['results.csv'], 'w', encoding='utf-8') as f:
+    f.write(collect_results.to_csv(table))
+  collect_results.plot_label_efficiency(
+      table, paths['label_efficiency.png'],
+      title='Digit scenes: mIoU vs labelled fraction (demo)')
+  return Outputs(table=table, markdown=markdown, markdown_path=paths['results.md'],
+                 csv_path=paths['results.csv'], plot_path=paths['label_efficiency.png'])
+
+
+def run_demo(workdir: str, *, smoke: bool = False, data_dir: str | None = None,
+             jobs: int = 2) -> Outputs:
+  """Runs the whole demo in `workdir` (see the module docstring); returns what it wrote.
+
+  Progress goes to stdout, one line per run; `jobs` (1 or 2) processes share the runs (see
+  `execute_all`).
+  """
+  start_time = time.time()
+  workdir = os.path.abspath(workdir)
+  data_dir = os.path.abspath(data_dir) if data_dir else os.path.join(workdir, 'tfds')
+  os.makedirs(workdir, exist_ok=True)
+  enable_compilation_cache(os.path.join(workdir, 'jax_cache'))
+  runs = plan_runs(workdir, data_dir, smoke)
+  num_finetune = sum(r.sweep_run is not None for r in runs)
+  print(f'DDeP demo{" (smoke)" if smoke else ""} in {workdir}: {len(runs) - num_finetune} '
+        f'pretraining + {num_finetune} fine-tuning runs in {jobs} process(es), each on '
+        f'{jax.device_count()} {jax.devices()[0].platform.upper()} device(s).', flush=True)
+
+  prepared = time.time()
+  prepare_data(data_dir)
+  print(f'Dataset ddep_digit_scenes ready in {data_dir} ({time.time() - prepared:.0f} s).',
+        flush=True)
+
+  execute_all(runs, jobs=jobs, workdir=workdir, data_dir=data_dir, smoke=smoke,
+              start_time=start_time)
+  equal, total = check_frozen_encoder(workdir)
+  print(f'DDeP encoder vs supervised encoder: {equal} of {total} arrays bitwise equal '
+        f'({"frozen" if equal == total else "NOT frozen"}).', flush=True)
+
+  outputs = write_outputs(workdir)
+  elapsed = time.time() - start_time
+  print(f'\n{outputs.markdown}')
+  print(f'Wrote {outputs.markdown_path}, {outputs.csv_path} and {outputs.plot_path}.')
+  load = ', '.join(f'{x:.1f}' for x in os.getloadavg())
+  print(f'Total {_clock(elapsed)} (load average over 1, 5, 15 min: {load}).', flush=True)
+  return outputs
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line.
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  # TensorFlow only feeds data: keep it off accelerators and away from GCS (no network).
+  tf.config.set_visible_devices([], 'GPU')
+  datasets.disable_tfds_gcs()
+  tfds.disable_progress_bar()
+  tf.get_logger().setLevel('ERROR')  # TensorFlow's Python warnings (deprecations) bypass absl.
+  configure_logging()
+  if FLAGS.runs:  # A worker started by another demo process.
+    workdir = os.path.abspath(FLAGS.workdir)
+    enable_compilation_cache(os.path.join(workdir, 'jax_cache'))
+    execute_named(FLAGS.runs, workdir=workdir, data_dir=os.path.abspath(FLAGS.data_dir),
+                  smoke=FLAGS.smoke, start_time=FLAGS.started_at)
+    return
+  run_demo(FLAGS.workdir, smoke=FLAGS.smoke, data_dir=FLAGS.data_dir, jobs=int(FLAGS.jobs))
+
+
+def _define_flags() -> None:
+  """Defines the flags; only when run as a program, so the module imports as a library."""
+  flags.DEFINE_string('workdir', None, 'Directory of the demo: data, runs, results.')
+  flags.DEFINE_bool('smoke', False, 'A seconds-long version (configs/demo.py runlocal): a few '
+                    'steps per stage, fewer label fractions and subsets.')
+  flags.DEFINE_string('data_dir', None, 'TFDS data_dir of ddep_digit_scenes (default '
+                      '<workdir>/tfds); prepared there when missing.')
+  flags.DEFINE_enum('jobs', '2', ['1', '2'], 'Processes that share the runs: 2 runs the two '
+                    'independent chains of runs side by side (both cores of a laptop busy).')
+  # Set by the demo for its worker processes.
+  flags.DEFINE_list('runs', [], 'Worker mode: run only these runs (names as pretrain/dep, '
+                    'finetune/init=...) and exit.')
+  flags.DEFINE_float('started_at', None, 'Worker mode: start time of the demo (for progress).')
+  flags.mark_flags_as_required(['workdir'])
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

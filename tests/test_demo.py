@@ -1,0 +1,248 @@
+"""`make demo` end to end at smoke size, and the demo's configs.
+
+The module fixture runs the real command once (`python -m ddep_jax.demo --smoke`): every stage
+through the trainer, the fine-tuning sweep, the table and the plot. The tests then check what it
+printed and wrote, against numbers recomputed here from the runs' own files.
+"""
+
+import csv
+import io
+import math
+import os
+import re
+import subprocess
+import sys
+import types
+
+import flax
+import numpy as np
+import pytest
+
+from ddep_jax import checkpoints
+from ddep_jax import demo
+from experiments import fileio
+from experiments import hyper
+from experiments import sweep
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+config_module = sweep.load_config_module(demo.CONFIG_FILE)
+SMOKE_ARG = 'stage=finetune,runlocal=True'
+NUM_PRETRAIN = 3
+NUM_SMOKE_FINETUNE = 4 * len(config_module.SMOKE_LABEL_FRACTIONS) * config_module.SMOKE_NUM_SUBSETS
+NUM_RUNS = NUM_PRETRAIN + NUM_SMOKE_FINETUNE
+
+
+def _run_demo(workdir, data_dir):
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)  # One CPU device, as `make demo` runs.
+  return subprocess.run(
+      [sys.executable, '-m', 'ddep_jax.demo', f'--workdir={workdir}', '--smoke',
+       f'--data_dir={data_dir}'], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=900, check=False)
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory, digit_scenes_dir):
+  workdir = str(tmp_path_factory.mktemp('demo'))
+  result = _run_demo(workdir, digit_scenes_dir)
+  assert result.returncode == 0, result.stderr[-5000:]
+  return types.SimpleNamespace(workdir=workdir, data_dir=digit_scenes_dir,
+                               stdout=result.stdout, stderr=result.stderr)
+
+
+def _flat(params):
+  return {'/'.join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
+
+
+def _params(workdir, step=None):
+  return _flat(checkpoints.load_params(workdir, step)[0])
+
+
+def _part(flat, prefix):
+  return {k: v for k, v in flat.items() if k.startswith(prefix + '/')}
+
+
+def _max_abs_diff(a, b):
+  assert sorted(a) == sorted(b)
+  return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def _finetune_dir(smoke, init, fraction, subset_seed):
+  name = f'init={init}-label_fraction={fraction!r}-subset_seed={subset_seed}'
+  return os.path.join(smoke.workdir, 'finetune', name)
+
+
+def _run_mious(smoke):
+  """{(init, fraction): [mIoU x 100 per subset]} read from the runs' results/val.json."""
+  by_cell = {}
+  for init in config_module.INITS:
+    for fraction in config_module.SMOKE_LABEL_FRACTIONS:
+      for seed in range(config_module.SMOKE_NUM_SUBSETS):
+        results = fileio.read_json(
+            os.path.join(_finetune_dir(smoke, init, fraction, seed), 'results', 'val.json'))
+        assert results['final'] is True
+        by_cell.setdefault((init, fraction), []).append(100 * results['mIoU'])
+  return by_cell
+
+
+# -- the printed progress and the outputs -------------------------------------------------------
+
+def test_prints_one_line_per_run_with_its_metric_and_time(smoke):
+  done = re.findall(r'^\[\s*(\d+)/(\d+)\] (.+): (mIoU|top-1|denoising loss) ([0-9.]+).*'
+                    r'\((\d+) s; [0-9:]+ so far\)$', smoke.stdout, re.MULTILINE)
+  # Two processes share the runs, so lines may come out of order; each run has exactly one.
+  done = sorted(done, key=lambda line: int(line[0]))
+  assert [int(i) for i, *_ in done] == list(range(1, NUM_RUNS + 1))
+  assert {int(n) for _, n, *_ in done} == {NUM_RUNS}
+  metrics = [m for *_, m, _, _ in done]
+  assert metrics == ['top-1', 'denoising loss', 'denoising loss'] + ['mIoU'] * NUM_SMOKE_FINETUNE
+  # Each fine-tuning line's mIoU is that run's final result.
+  mious = _run_mious(smoke)
+  printed = sorted(float(v) for _, _, _, m, v, _ in done if m == 'mIoU')
+  assert printed == pytest.approx(sorted(round(x, 2) for v in mious.values() for x in v),
+                                  abs=0.006)
+  # The trainer's own log lines come through; parameter tables and Orbax chatter do not.
+  assert 'Initialised from' in smoke.stderr and 'Eval val at step' in smoke.stderr
+  assert 'Parameters' not in smoke.stderr and 'orbax' not in smoke.stderr.lower()
+
+
+def test_table_is_the_mean_and_std_of_the_runs(smoke):
+  with open(os.path.join(smoke.workdir, 'results.md'), encoding='utf-8') as f:
+    markdown = f.read()
+  assert markdown in smoke.stdout  # Printed as written.
+  lines = [line for line in markdown.splitlines() if line.startswith('|')]
+  fractions = sorted(config_module.SMOKE_LABEL_FRACTIONS, reverse=True)
+  assert lines[0] == '| init | ' + ' | '.join(f'{100 * f:g}%' for f in fractions) + ' |'
+  rows = [line.strip('|').split('|') for line in lines[2:]]
+  assert [r[0].strip() for r in rows] == ['none', 'supervised', 'dep', 'ddep']
+  mious = _run_mious(smoke)
+  for row in rows:
+    for fraction, cell in zip(fractions, row[1:]):
+      mean, std, n = re.fullmatch(r' ([0-9.]+) ± ([0-9.]+) \((\d+)\) ', cell).groups()
+      values = mious[(row[0].strip(), fraction)]
+      assert int(n) == config_module.SMOKE_NUM_SUBSETS
+      assert float(mean) == pytest.approx(np.mean(values), abs=0.006)
+      assert float(std) == pytest.approx(np.std(values, ddof=1), abs=0.006)
+  with open(os.path.join(smoke.workdir, 'results.csv'), encoding='utf-8') as f:
+    cells = list(csv.DictReader(io.StringIO(f.read())))
+  assert len(cells) == 4 * len(fractions)
+  for cell in cells:
+    values = mious[(cell['init'], float(cell['label_fraction']))]
+    assert math.isfinite(float(cell['mean'])) and math.isfinite(float(cell['std']))
+    assert float(cell['mean']) == pytest.approx(np.mean(values), rel=1e-9)
+
+
+def test_plot_is_written(smoke):
+  from matplotlib import image as mpl_image  # pylint: disable=g-import-not-at-top
+  path = os.path.join(smoke.workdir, 'label_efficiency.png')
+  with open(path, 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  pixels = mpl_image.imread(path)
+  assert pixels.ndim == 3 and min(pixels.shape[:2]) > 300
+  assert np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0).shape[0] > 10  # Not blank.
+
+
+# -- what each stage started from -----------------------------------------------------------------
+
+def test_ddep_encoder_is_the_frozen_supervised_encoder_and_its_decoder_trains(smoke):
+  supervised = _params(os.path.join(smoke.workdir, 'pretrain', 'supervised'))
+  ddep_dir = os.path.join(smoke.workdir, 'pretrain', 'ddep')
+  first, last = _params(ddep_dir, 1), _params(ddep_dir)
+  encoder = _part(supervised, 'encoder')
+  for ddep in (first, last):
+    assert sorted(_part(ddep, 'encoder')) == sorted(encoder)
+    for key, value in encoder.items():
+      np.testing.assert_array_equal(_part(ddep, 'encoder')[key], value, err_msg=key)
+  assert _max_abs_diff(_part(first, 'decoder'), _part(last, 'decoder')) > 0
+  assert re.search(r'DDeP encoder vs supervised encoder: (\d+) of \1 arrays bitwise equal '
+                   r'\(frozen\)', smoke.stdout)
+
+
+@pytest.mark.parametrize('init', ['supervised', 'dep', 'ddep'])
+def test_finetuning_starts_from_its_pretrained_parameters(smoke, init):
+  # Subset seed 1: its fresh initialisation (seed 1) differs from the pretraining runs' (seed 0).
+  config = config_module.get_config(f'{SMOKE_ARG},init={init},subset_seed=1')
+  assert config.optimizer.name == 'adam' and config.wd == 0 and not config.grad_clip_norm
+  # An Adam step moves a parameter by at most lr x its schedule factor (x 1.0014 at step 2,
+  # where |m_hat| / sqrt(v_hat) <= 1.0014 by Cauchy-Schwarz): the fine-tuned parameters stay
+  # within `bound` of their starting point.
+  bound = 1.01 * config.lr * config.total_steps
+  fraction = config_module.SMOKE_LABEL_FRACTIONS[0]
+  tuned = _params(_finetune_dir(smoke, init, fraction, 1))
+  fresh = _params(_finetune_dir(smoke, 'none', fraction, 1))
+  pretrained = _params(os.path.join(smoke.workdir, 'pretrain', init))
+  carried = ('encoder',) if init == 'supervised' else ('encoder', 'decoder')
+  for part in carried:
+    assert _max_abs_diff(_part(tuned, part), _part(pretrained, part)) <= bound
+    # A run started from scratch ends up far from the pretrained parameters: the bound tells
+    # the two apart.
+    assert _max_abs_diff(_part(fresh, part), _part(pretrained, part)) > 10 * bound
+  if init == 'supervised':  # The supervised run has no decoder to carry.
+    ddep_decoder = _part(_params(os.path.join(smoke.workdir, 'pretrain', 'ddep')), 'decoder')
+    assert _max_abs_diff(_part(tuned, 'decoder'), ddep_decoder) > 10 * bound
+
+
+def test_rerun_skips_finished_runs(smoke):
+  checkpoint_dir = os.path.join(_finetune_dir(smoke, 'ddep', 1.0, 0), 'checkpoints')
+  mtimes = lambda: {d: os.path.getmtime(os.path.join(checkpoint_dir, d))
+                    for d in os.listdir(checkpoint_dir)}
+  before = mtimes()
+  result = _run_demo(smoke.workdir, smoke.data_dir)
+  assert result.returncode == 0, result.stderr[-5000:]
+  assert len(re.findall(r': finished earlier, ', result.stdout)) == NUM_RUNS
+  assert ' ... \n' not in result.stdout  # No run started.
+  assert mtimes() == before
+
+
+def test_a_different_config_in_the_same_workdir_is_refused(smoke):
+  full_runs = demo.plan_runs(smoke.workdir, smoke.data_dir, smoke=False)
+  run = full_runs[0]  # pretrain/supervised, which the smoke run wrote with another config.
+  with pytest.raises(ValueError, match=r'different config \(differs in .*total_steps'):
+    demo.check_same_config(run, demo.run_config(run))
+
+
+# -- the configs ----------------------------------------------------------------------------------
+
+def test_full_sweep_has_every_method_fraction_and_subset_with_one_recipe():
+  runs = config_module.get_sweep(hyper, 'stage=finetune')
+  tags = {(r['arg.init'], r['arg.label_fraction'], r['arg.subset_seed']) for r in runs}
+  assert len(runs) == len(tags) == 4 * 3 * 3
+  assert {t[0] for t in tags} == {'none', 'supervised', 'dep', 'ddep'}
+  assert {t[1] for t in tags} == {0.01, 0.05, 1.0} and {t[2] for t in tags} == {0, 1, 2}
+  # Only the initialisation, the labelled subset and the seed differ between fine-tuning runs.
+  allowed = {'init_from.checkpoint', 'init_from.params', 'input.label_fraction',
+             'input.subset_seed', 'seed'}
+  reference = demo.flat_config(demo.config_json(
+      config_module.get_config('stage=finetune,init=none')))
+  for init, fraction, seed in tags:
+    config = config_module.get_config(
+        f'stage=finetune,init={init},label_fraction={fraction},subset_seed={seed}')
+    flat = demo.flat_config(demo.config_json(config))
+    assert {k for k in flat if flat[k] != reference[k]} <= allowed
+    assert flat['input.subset_seed'] == flat['seed'] == seed
+    assert flat['input.label_fraction'] == fraction
+
+
+def test_stage_configs_follow_the_paper():
+  ddep = config_module.get_config('stage=ddep,root=/r')
+  assert ddep.task == 'denoise' and ddep.schedule[0] == ('encoder/.*', None)
+  assert ddep.init_from.checkpoint == '/r/pretrain/supervised'
+  assert tuple(ddep.init_from.params) == ('encoder/.*',)
+  assert (ddep.denoising.noise_type, ddep.denoising.noise_std,
+          ddep.denoising.predict_target) == ('scaled', 0.22, 'noise')
+  dep = config_module.get_config('stage=dep,root=/r')
+  assert [rule[1] is None for rule in dep.schedule] == [False] and not dep.init_from.checkpoint
+  assert dep.total_steps == ddep.total_steps and dep.denoising == ddep.denoising
+  assert config_module.get_config('stage=finetune,init=none').init_from.checkpoint == ''
+  supervised = config_module.get_config('stage=finetune,init=supervised,root=/r')
+  assert tuple(supervised.init_from.params) == ('encoder/.*',)
+  assert config_module.get_config('stage=supervised').input.data_dir == 'workdirs/demo/tfds'
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+  with pytest.raises(ValueError, match=r"stage='pretrain': expected one of"):
+    config_module.get_config('stage=pretrain')
+  with pytest.raises(ValueError, match=r"init='imagenet': expected one of"):
+    config_module.get_config('init=imagenet')
+  with pytest.raises(ValueError, match=r'contains \',\'.*choose a path without'):
+    demo.plan_runs(str(tmp_path / 'a,b'), str(tmp_path / 'tfds'), smoke=True)
