@@ -309,12 +309,17 @@ WRITERS = {
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
-  # Defined only when run as a script: importing this module (tests, other CLIs) must not claim
-  # global absl flag names such as --out.
+FLAG_NAMES = ('out', 'datasets')
+
+
+def define_flags() -> None:
+  """Defines --out and --datasets (`main`'s flags) on the global flags.
+
+  Called only when run as a script (or by a test): importing this module next to other
+  command-line tools must not claim global flag names such as --out.
+  """
   flags.DEFINE_string('out', None, 'Directory to write the archives into (created).')
   flags.DEFINE_list('datasets', list(WRITERS), f'Which of {list(WRITERS)} to write.')
-  flags.mark_flag_as_required('out')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -332,5 +337,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  _define_flags()
+  define_flags()
+  flags.mark_flag_as_required('out')
   app.run(main)

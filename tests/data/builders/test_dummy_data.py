@@ -12,11 +12,14 @@ from ddep_jax.data.builders import dummy_data
 
 @pytest.fixture
 def parse_flags():
-  """Parses command-line flags for `dummy_data.main`, and resets them afterwards."""
+  """Defines and parses `dummy_data.main`'s flags, and removes them afterwards."""
+  dummy_data.define_flags()
   def _parse(*argv):
     flags.FLAGS(['dummy_data', *argv])
   yield _parse
   flags.FLAGS.unparse_flags()
+  for name in dummy_data.FLAG_NAMES:
+    delattr(flags.FLAGS, name)
 
 
 def test_main_writes_the_real_file_names(tmp_path, parse_flags, capsys):
