@@ -102,7 +102,7 @@ SETUP = stages.FinetuneSetup(
     multiscale=True,
     local_eval_resize=32,
     local_eval_protocol=stages.LOCAL_SLIDING,
-    sweeps=tuple(SWEEPS),
+    sweeps=SWEEPS,
 )
 
 
@@ -112,5 +112,4 @@ def get_config(arg=None):
 
 
 def get_sweep(hyper, arg=None):
-  parsed = stages.finetune_arg(arg, SETUP)
-  return SWEEPS[parsed.sweep](hyper, parsed)
+  return stages.named_sweep(hyper, arg, SETUP)

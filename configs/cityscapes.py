@@ -143,7 +143,7 @@ SETUP = stages.FinetuneSetup(
     local_eval_resize=(32, 64),  # The halves protocol in miniature: two 32x32 windows.
     local_eval_protocol=dict(mode='sliding', crop_size=(32, 32), stride=(32, 32), flip=True),
     local_scale_range=(0.02, 0.04),
-    sweeps=tuple(SWEEPS),
+    sweeps=SWEEPS,
 )
 
 
@@ -153,5 +153,4 @@ def get_config(arg=None):
 
 
 def get_sweep(hyper, arg=None):
-  parsed = stages.finetune_arg(arg, SETUP)
-  return SWEEPS[parsed.sweep](hyper, parsed)
+  return stages.named_sweep(hyper, arg, SETUP)

@@ -146,8 +146,8 @@ class FinetuneSetup:
     local_eval_resize, local_eval_protocol: the same at runlocal size.
     local_scale_range: runlocal train rescale range (None: the full-size one); Cityscapes frames
       are 1024x2048, so smoke crops come from strongly downscaled frames.
-    sweeps: names of the file's paper sweeps (`get_sweep`'s `sweep=` argument); the first is the
-      default.
+    sweeps: the file's paper sweeps, {name: fn(hyper, parsed arg)} (`get_sweep`'s `sweep=`
+      argument); the first is the default.
   """
   dataset: str
   protocol: str
@@ -159,7 +159,7 @@ class FinetuneSetup:
   multiscale: bool
   local_eval_resize: Any
   local_eval_protocol: dict
-  sweeps: tuple
+  sweeps: dict
   local_scale_range: tuple | None = None
 
 
@@ -168,14 +168,20 @@ def finetune_arg(arg: str | None, setup: FinetuneSetup) -> ml_collections.Config
   arg = common.parse_arg(
       arg, init='ddep', decoder_width=1, model='transunet', init_ckpt='', pretrain_root='',
       npz=RELEASED_ENCODER, label_fraction=None, label_count=None, subset_seed=0,
-      multiscale=setup.multiscale, sweep=setup.sweeps[0], runlocal=False, data_dir='')
+      multiscale=setup.multiscale, sweep=next(iter(setup.sweeps)), runlocal=False, data_dir='')
   check_choice('init', arg.init, INITS)
   check_choice('model', arg.model, tuple(MODEL_PRESETS))
-  check_choice('sweep', arg.sweep, setup.sweeps)
+  check_choice('sweep', arg.sweep, tuple(setup.sweeps))
   if arg.label_fraction is not None and arg.label_count is not None:
     raise ValueError(f'Config arguments label_fraction={arg.label_fraction} and label_count='
                      f'{arg.label_count}: give at most one.')
   return arg
+
+
+def named_sweep(hyper, arg: str | None, setup: FinetuneSetup):
+  """The sweep named by the argument's `sweep=` (a fine-tuning file's `get_sweep`)."""
+  parsed = finetune_arg(arg, setup)
+  return setup.sweeps[parsed.sweep](hyper, parsed)
 
 
 def finetune_config(arg: ml_collections.ConfigDict, setup: FinetuneSetup

@@ -55,6 +55,7 @@ import tensorflow_datasets as tfds
 from ddep_jax import checkpoints
 from ddep_jax import train
 from ddep_jax.data import datasets
+from ddep_jax.data.builders import digit_scenes
 from experiments import collect_results
 from experiments import fileio
 from experiments import hyper
@@ -62,7 +63,6 @@ from experiments import sweep
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 CONFIG_FILE = os.path.join(REPO_ROOT, 'configs', 'demo.py')
-DATA_CONFIGS = ('segmentation', 'classification', 'unlabeled')  # ddep_digit_scenes configs.
 EVAL_NAME = 'val'
 # Table rows in the paper's order (Table 2): No pretraining, Supervised, DeP, DDeP.
 ROW_ORDER = ('none', 'supervised', 'dep', 'ddep')
@@ -112,15 +112,6 @@ def enable_compilation_cache(cache_dir: str) -> None:
   jax.config.update('jax_compilation_cache_dir', cache_dir)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-
-
-def prepare_data(data_dir: str) -> None:
-  """Builds the three `ddep_digit_scenes` configs into `data_dir` (no-op once prepared)."""
-  import ddep_jax.data.builders  # pylint: disable=g-import-not-at-top,unused-import
-  for name in DATA_CONFIGS:
-    builder = tfds.builder(f'ddep_digit_scenes/{name}', data_dir=data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,7 +419,7 @@ def run_demo(workdir: str, *, smoke: bool = False, data_dir: str | None = None,
         f'{jax.device_count()} {jax.devices()[0].platform.upper()} device(s).', flush=True)
 
   prepared = time.time()
-  prepare_data(data_dir)
+  digit_scenes.prepare(data_dir)
   print(f'Dataset ddep_digit_scenes ready in {data_dir} ({time.time() - prepared:.0f} s).',
         flush=True)
 

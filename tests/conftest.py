@@ -39,9 +39,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope='session')
 def digit_scenes_dir(tmp_path_factory):
   """A TFDS data_dir with the embedded demo dataset prepared (all three configs), per worker."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top,redefined-outer-name
-  import ddep_jax.data.builders  # pylint: disable=g-import-not-at-top,unused-import
+  from ddep_jax.data.builders import digit_scenes  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  for config in ('segmentation', 'classification', 'unlabeled'):
-    tfds.builder(f'ddep_digit_scenes/{config}', data_dir=data_dir).download_and_prepare()
+  digit_scenes.prepare(data_dir)
   return data_dir

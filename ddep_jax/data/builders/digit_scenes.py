@@ -342,3 +342,13 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
           example['segmentation_mask'] = mask[..., None]
       example['image_id'] = image_id
       yield image_id, example
+
+
+def prepare(data_dir: str) -> None:
+  """Builds every config (segmentation, classification, unlabeled) into `data_dir`.
+
+  A no-op for configs already prepared there; never touches the network.
+  """
+  for config in DigitScenes.BUILDER_CONFIGS:
+    DigitScenes(config=config.name, data_dir=data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
