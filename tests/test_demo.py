@@ -20,6 +20,7 @@ import pytest
 
 from ddep_jax import checkpoints
 from ddep_jax import demo
+from experiments import demo_diagnostics
 from experiments import fileio
 from experiments import hyper
 from experiments import sweep
@@ -199,6 +200,45 @@ def test_a_different_config_in_the_same_workdir_is_refused(smoke):
   run = full_runs[0]  # pretrain/supervised, which the smoke run wrote with another config.
   with pytest.raises(ValueError, match=r'different config \(differs in .*total_steps'):
     demo.check_same_config(run, demo.run_config(run))
+
+
+
+# -- experiments/demo_diagnostics.py --------------------------------------------------------------
+
+def test_diagnostic_scores_separate_where_from_which_digit():
+  masks = np.array([[[0, 1], [2, 0]]])  # Background, digit 0 (class 1), digit 1 (class 2).
+  perfect = np.eye(3)[masks]
+  assert demo_diagnostics.scores(perfect, masks) == {'mIoU': 100.0, 'fgIoU': 100.0,
+                                                      'identity': 100.0}
+  # Background wins everywhere, but the right digit is the runner-up on each digit pixel.
+  background_first = perfect + np.array([2.0, 0.0, 0.0])
+  assert demo_diagnostics.scores(background_first, masks) == pytest.approx(
+      {'mIoU': 100 * 0.5 / 3, 'fgIoU': 0.0, 'identity': 100.0})
+  swapped = np.eye(3)[np.array([[[0, 2], [1, 0]]])]  # Digits found, identities swapped.
+  assert demo_diagnostics.scores(swapped, masks) == pytest.approx(
+      {'mIoU': 100 / 3, 'fgIoU': 100.0, 'identity': 0.0})
+
+
+def test_diagnostics_run_on_a_finished_demo(smoke):
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2')
+  env.pop('XLA_FLAGS', None)
+  result = subprocess.run(
+      [sys.executable, os.path.join('experiments', 'demo_diagnostics.py'),
+       f'--demo_dir={smoke.workdir}', f'--data_dir={smoke.data_dir}', '--inits=none,ddep',
+       '--steps=2', '--eval_every=1', '--probe_steps=2', '--num_labelled=8',
+       '--val_split=validation[:8]'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-5000:]
+  number = r'(\d+\.\d)'
+  for init in ('none', 'ddep'):
+    probe = re.findall(rf'{init} probe \(frozen tokens\): mIoU +{number} fgIoU +{number} '
+                       rf'identity +{number}', result.stdout)
+    finetune = re.findall(rf'{init} finetune step +(\d+): loss (\d+\.\d+) mIoU +{number} '
+                          rf'fgIoU +{number} identity +{number}', result.stdout)
+    assert len(probe) == 1 and [row[0] for row in finetune] == ['1', '2'], result.stdout
+    values = [float(v) for v in probe[0]] + [float(v) for row in finetune for v in row[2:]]
+    assert all(0.0 <= v <= 100.0 for v in values)
+    assert all(math.isfinite(float(row[1])) for row in finetune)
 
 
 # -- the configs ----------------------------------------------------------------------------------
