@@ -1,6 +1,6 @@
 r"""Why does the demo's fine-tuning predict only background? Measurements on a finished demo.
 
-  PYTHONPATH=. python experiments/demo_diagnostics.py --demo_dir=workdirs/demo \
+  python experiments/demo_diagnostics.py --demo_dir=workdirs/demo \
       [--inits=none,supervised,dep,ddep] [--steps=300] [--lr=2e-3] [--num_labelled=1000] \
       [--binary] [--seed=0] [--data_dir=<demo_dir>/tfds]
 
@@ -23,8 +23,8 @@ digit". With `--binary` the task is background vs digit (2 classes).
 This is a diagnostic script, not part of `make demo`; docs/demo.md reports what it printed.
 """
 
-import importlib.util
 import os
+import sys
 import time
 from typing import Any
 
@@ -37,22 +37,24 @@ import numpy as np
 import optax
 import tensorflow_datasets as tfds
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)  # `experiments` is not installed.
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from ddep_jax import checkpoints
 from ddep_jax import models
 from ddep_jax.data.builders import digit_scenes
+from experiments import sweep
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 _BATCH_SIZE = 16
 
 
 def demo_model_config():
-  """`configs/demo.py`'s model (the config file is not a package module)."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                      'demo.py')
-  spec = importlib.util.spec_from_file_location('demo_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.model_config()
+  """`configs/demo.py`'s model."""
+  return sweep.load_config_module(os.path.join(REPO_ROOT, 'configs', 'demo.py')).model_config()
 
 
 def load_split(data_dir: str, split: str, binary: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -97,9 +99,9 @@ def initial_params(model, demo_dir: str, init: str, images: np.ndarray,
   return params
 
 
-def predict(model, params, images: np.ndarray) -> np.ndarray:
-  apply = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
-  return np.concatenate([np.asarray(apply(params, images[i:i + 100])[0])
+def predict(apply_fn, params, images: np.ndarray) -> np.ndarray:
+  """Logits of `images` in batches of 100; `apply_fn(params, x)` is jitted once by the caller."""
+  return np.concatenate([np.asarray(apply_fn(params, images[i:i + 100])[0])
                          for i in range(0, len(images), 100)])
 
 
@@ -159,6 +161,7 @@ def finetune(model, params, train, val, *, init: str, steps: int, lr: float, eva
     updates, opt = tx.update(grad, opt, params)
     return optax.apply_updates(params, updates), opt, loss
 
+  apply_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
   rng = np.random.default_rng(seed)
   start = time.time()
   for i in range(1, steps + 1):
@@ -166,7 +169,7 @@ def finetune(model, params, train, val, *, init: str, steps: int, lr: float, eva
     params, opt, loss = step(params, opt, x_train[idx], y_train[idx])
     if i % eval_every == 0 or i == steps:
       print(f'{init:>10} finetune step {i:4d}: loss {float(loss):.3f} '
-            f'{fmt(scores(predict(model, params, x_val), y_val))} ({time.time() - start:.0f} s)',
+            f'{fmt(scores(predict(apply_fn, params, x_val), y_val))} ({time.time() - start:.0f} s)',
             flush=True)
 
 
