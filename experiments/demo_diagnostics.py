@@ -11,9 +11,10 @@ on `ddep_digit_scenes/segmentation` (the demo's `<demo_dir>/tfds`), it prints:
   bilinearly to pixels, trained with pixel cross-entropy (Adam 1e-2, 200 steps of 32).
   It says how much digit identity the encoder carries where the digits are.
 * `finetune`: the whole model (encoder, decoder, fresh head) trained with pixel cross-entropy,
-  Adam with a cosine schedule, batches of 16 drawn from the first `num_labelled` of a seeded
-  permutation of the train scenes, no augmentation: a standalone, faster version of the demo's
-  `finetune` stage, evaluated every `eval_every` steps.
+  Adam with a cosine schedule, batches of the `finetune` stage's size drawn from the first
+  `num_labelled` of a seeded permutation of the train scenes, no augmentation: a standalone,
+  faster version of the demo's `finetune` stage, evaluated every `eval_every` steps. The model
+  and what it starts from (`init_from`) are those of `configs/demo.py:stage=finetune,init=...`.
 
 Metrics on the 200 validation scenes: mIoU, foreground IoU (digit vs background, whatever the
 digit), and `identity`: the share of digit pixels whose highest *digit* logit is the right digit
@@ -49,12 +50,13 @@ from experiments import sweep
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
-_BATCH_SIZE = 16
+_EVAL_BATCH = 100
 
 
-def demo_model_config():
-  """`configs/demo.py`'s model."""
-  return sweep.load_config_module(os.path.join(REPO_ROOT, 'configs', 'demo.py')).model_config()
+def finetune_config(demo_dir: str, init: str):
+  """The demo's own `finetune` config for `init`: model, batch size, what is carried from where."""
+  config_module = sweep.load_config_module(os.path.join(REPO_ROOT, 'configs', 'demo.py'))
+  return config_module.get_config(f'stage=finetune,init={init},root={demo_dir}')
 
 
 def load_split(data_dir: str, split: str, binary: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -88,21 +90,20 @@ def fmt(values: dict[str, float]) -> str:
   return ' '.join(f'{k} {v:5.1f}' for k, v in values.items())
 
 
-def initial_params(model, demo_dir: str, init: str, images: np.ndarray,
-                   seed: int) -> dict[str, Any]:
-  params = dict(model.init({'params': jax.random.key(seed)}, images[:2], train=False)['params'])
-  if init != 'none':
-    loaded, _ = checkpoints.load_params(os.path.join(demo_dir, 'pretrain', init))
-    # As the demo: the supervised run has no decoder; heads are always fresh.
-    for part in ('encoder',) if init == 'supervised' else ('encoder', 'decoder'):
-      params[part] = loaded[part]
-  return params
+def initial_params(model, config, images: np.ndarray, seed: int) -> dict[str, Any]:
+  """Fresh parameters with `config.init_from` applied, as the trainer does for the run."""
+  params = model.init({'params': jax.random.key(seed)}, images[:2], train=False)['params']
+  if not config.init_from.checkpoint:
+    return params
+  loaded, _ = checkpoints.load_params(config.init_from.checkpoint)
+  return checkpoints.merge_params(params, loaded, tuple(config.init_from.params),
+                                  source=f'checkpoint {config.init_from.checkpoint}')
 
 
-def predict(apply_fn, params, images: np.ndarray) -> np.ndarray:
-  """Logits of `images` in batches of 100; `apply_fn(params, x)` is jitted once by the caller."""
-  return np.concatenate([np.asarray(apply_fn(params, images[i:i + 100])[0])
-                         for i in range(0, len(images), 100)])
+def batched(fn, images: np.ndarray) -> np.ndarray:
+  """`fn` (jitted once by the caller) over `images` in batches of `_EVAL_BATCH`, concatenated."""
+  return np.concatenate([np.asarray(fn(images[i:i + _EVAL_BATCH]))
+                         for i in range(0, len(images), _EVAL_BATCH)])
 
 
 def probe(model, params, train, val, num_classes: int, seed: int,
@@ -111,8 +112,7 @@ def probe(model, params, train, val, num_classes: int, seed: int,
   tokens = jax.jit(lambda x: model.apply({'params': params}, x, train=False)[1]['tokens'])
 
   def token_map(images):
-    t = np.concatenate([np.asarray(tokens(images[i:i + 100]))
-                        for i in range(0, len(images), 100)])
+    t = batched(tokens, images)
     side = int(round(t.shape[1] ** 0.5))
     return t.reshape(len(t), side, side, -1)
 
@@ -145,7 +145,7 @@ def probe(model, params, train, val, num_classes: int, seed: int,
 
 
 def finetune(model, params, train, val, *, init: str, steps: int, lr: float, eval_every: int,
-             seed: int) -> None:
+             batch_size: int, seed: int) -> None:
   """Trains the whole model and prints its scores every `eval_every` steps."""
   (x_train, y_train), (x_val, y_val) = train, val
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps)
@@ -161,15 +161,15 @@ def finetune(model, params, train, val, *, init: str, steps: int, lr: float, eva
     updates, opt = tx.update(grad, opt, params)
     return optax.apply_updates(params, updates), opt, loss
 
-  apply_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  logits_fn = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)[0])
   rng = np.random.default_rng(seed)
   start = time.time()
   for i in range(1, steps + 1):
-    idx = rng.integers(0, len(x_train), _BATCH_SIZE)
+    idx = rng.integers(0, len(x_train), batch_size)
     params, opt, loss = step(params, opt, x_train[idx], y_train[idx])
     if i % eval_every == 0 or i == steps:
       print(f'{init:>10} finetune step {i:4d}: loss {float(loss):.3f} '
-            f'{fmt(scores(predict(apply_fn, params, x_val), y_val))} ({time.time() - start:.0f} s)',
+            f'{fmt(scores(batched(lambda x: logits_fn(params, x), x_val), y_val))} ({time.time() - start:.0f} s)',
             flush=True)
 
 
@@ -182,15 +182,16 @@ def main(argv):
   train = (x_train[subset], y_train[subset])
   val = load_split(data_dir, FLAGS.val_split, FLAGS.binary)
   num_classes = 2 if FLAGS.binary else digit_scenes.NUM_DIGIT_CLASSES + 1
-  model = models.build_model(demo_model_config(), task='segment', num_classes=num_classes)
   print(f'{len(subset)} labelled scenes, {num_classes} classes, digit pixels '
         f'{100 * (train[1] > 0).mean():.1f} %')
   for init in FLAGS.inits:
-    params = initial_params(model, FLAGS.demo_dir, init, train[0], FLAGS.seed)
+    config = finetune_config(FLAGS.demo_dir, init)
+    model = models.build_model(config.model, task='segment', num_classes=num_classes)
+    params = initial_params(model, config, train[0], FLAGS.seed)
     result = probe(model, params, train, val, num_classes, FLAGS.seed, FLAGS.probe_steps)
     print(f'{init:>10} probe (frozen tokens): {fmt(result)}', flush=True)
     finetune(model, params, train, val, init=init, steps=FLAGS.steps, lr=FLAGS.lr,
-             eval_every=FLAGS.eval_every, seed=FLAGS.seed)
+             eval_every=FLAGS.eval_every, batch_size=config.input.batch_size, seed=FLAGS.seed)
 
 
 def define_flags() -> None:
