@@ -44,6 +44,7 @@ if REPO_ROOT not in sys.path:
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from ddep_jax import checkpoints
+from ddep_jax import metrics
 from ddep_jax import models
 from ddep_jax.data.builders import digit_scenes
 from experiments import sweep
@@ -72,14 +73,13 @@ def load_split(data_dir: str, split: str, binary: bool) -> tuple[np.ndarray, np.
 def scores(logits: np.ndarray, masks: np.ndarray) -> dict[str, float]:
   """mIoU, foreground IoU and digit identity (see the module docstring), in %."""
   num_classes = logits.shape[-1]
-  pred, truth = logits.argmax(-1).ravel(), masks.ravel()
-  confusion = np.bincount(truth * num_classes + pred,
-                          minlength=num_classes ** 2).reshape(num_classes, num_classes)
-  inter = np.diag(confusion)
-  iou = inter / np.maximum(confusion.sum(0) + confusion.sum(1) - inter, 1)
+  pred = logits.argmax(-1)
+  # mIoU as the trainer reports it (classes absent from truth and prediction do not count).
+  confusion = metrics.confusion_matrix(masks, pred, num_classes)
+  result = {'mIoU': 100 * metrics.segmentation_metrics(np.asarray(confusion))['mIoU']}
+  pred, truth = pred.ravel(), masks.ravel()
   fg_pred, fg_true = pred > 0, truth > 0
-  result = {'mIoU': 100 * iou.mean(),
-            'fgIoU': 100 * (fg_pred & fg_true).sum() / max((fg_pred | fg_true).sum(), 1)}
+  result['fgIoU'] = 100 * (fg_pred & fg_true).sum() / max((fg_pred | fg_true).sum(), 1)
   if num_classes > 2:
     digit = logits[..., 1:].argmax(-1).ravel() + 1
     result['identity'] = 100 * (digit == truth)[fg_true].mean()
@@ -168,9 +168,9 @@ def finetune(model, params, train, val, *, init: str, steps: int, lr: float, eva
     idx = rng.integers(0, len(x_train), batch_size)
     params, opt, loss = step(params, opt, x_train[idx], y_train[idx])
     if i % eval_every == 0 or i == steps:
-      print(f'{init:>10} finetune step {i:4d}: loss {float(loss):.3f} '
-            f'{fmt(scores(batched(lambda x: logits_fn(params, x), x_val), y_val))} ({time.time() - start:.0f} s)',
-            flush=True)
+      val_scores = scores(batched(lambda x: logits_fn(params, x), x_val), y_val)
+      print(f'{init:>10} finetune step {i:4d}: loss {float(loss):.3f} {fmt(val_scores)} '
+            f'({time.time() - start:.0f} s)', flush=True)
 
 
 def main(argv):

@@ -202,7 +202,6 @@ def test_a_different_config_in_the_same_workdir_is_refused(smoke):
     demo.check_same_config(run, demo.run_config(run))
 
 
-
 # -- experiments/demo_diagnostics.py --------------------------------------------------------------
 
 def test_diagnostic_scores_separate_where_from_which_digit():
