@@ -12,13 +12,15 @@ The noise level is configured by exactly one of `noise_std` (sigma), `gamma`, or
 (a, b) for gamma ~ U(a, b) drawn per example (Table 4). Internally every example carries its
 `gamma`; for simple noise sigma = sqrt((1 - gamma) / gamma), the inverse of Eq. 5's relation.
 
-Fine-tuning uses pixel-wise softmax cross-entropy that ignores label 255; supervised encoder
+Fine-tuning uses pixel-wise softmax cross-entropy that ignores label 255, optionally with
+per-class weights (`class_weights`, MMSegmentation's `class_weight`); supervised encoder
 pretraining uses softmax or sigmoid (ImageNet-21k, multi-label) classification losses.
 
 All functions are pure and jittable; configuration checks run at trace time in Python.
 """
 
-from typing import Mapping
+import math
+from typing import Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +37,7 @@ CLASSIFICATION_LOSSES = ('softmax', 'sigmoid')
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Fields owned by this module: `denoising` and `classification_loss`.
+  """Fields owned by this module: `denoising`, `classification_loss` and `class_weights`.
 
   Defaults are the paper's DDeP choice: scaled additive noise (Eq. 5/6) with sigma = 0.22
   (§4.1, Figure 5), predicting the noise (Table 1). To configure by `gamma` or `gamma_range`
@@ -51,7 +53,24 @@ def default_config() -> ml_collections.ConfigDict:
           predict_target='noise',
       ),
       classification_loss='softmax',
+      # Per-class weights of the fine-tuning pixel cross-entropy, one per class (None: all 1).
+      # The paper uses none; the demo down-weights its dominant background class.
+      class_weights=config_dict.placeholder(tuple),
   ))
+
+
+def check_class_weights(class_weights, num_classes: int) -> None:
+  """Fails, saying what to change, unless `class_weights` is None or K >= 0 finite floats."""
+  if class_weights is None:
+    return
+  weights = tuple(class_weights)
+  if len(weights) != num_classes:
+    raise ValueError(f'config.class_weights has {len(weights)} entries but config.num_classes='
+                     f'{num_classes}: give one weight per class (or None for all 1).')
+  if not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in weights):
+    raise ValueError(f'config.class_weights={weights}: every weight must be a finite number >= 0.')
+  if not any(w > 0 for w in weights):
+    raise ValueError('config.class_weights are all 0: no pixel would carry any loss.')
 
 
 def gamma_from_noise_std(noise_std):
@@ -159,26 +178,42 @@ def squared_l2_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
-                        ignore_label: int = IGNORE_LABEL):
+                        ignore_label: int = IGNORE_LABEL,
+                        class_weights: Optional[Sequence[float]] = None):
   """Softmax cross-entropy averaged over the pixels whose label is not `ignore_label`.
+
+  With `class_weights` `w`, pixel `i` of class `y_i` counts `w[y_i]` times and the loss is
+  `sum_i w[y_i] * ce_i / sum_i w[y_i]` (PyTorch's `cross_entropy(weight=w)`, which
+  MMSegmentation's `class_weight` uses): down-weighting a dominant class rebalances the gradient
+  without changing the loss of a batch made of one class.
 
   Args:
     logits: float [..., K] (e.g. [B, H, W, K]).
     labels: int [...] train ids in [0, K) or `ignore_label` (other values are not checked here:
       the data pipeline maps them).
     ignore_label: label of pixels that carry no loss (255, void / unlabelled).
+    class_weights: None (every pixel weighs 1) or K non-negative weights.
   Returns:
-    (loss, num_valid): the mean over valid pixels (0 if there are none) and their count (int32).
+    (loss, num_valid): the (weighted) mean over valid pixels (0 if there are none, or if all
+    their weights are 0) and the number of valid pixels (int32).
   """
   if logits.shape[:-1] != labels.shape:
     raise ValueError(f'logits {logits.shape} and labels {labels.shape} disagree: expected labels '
                      'of shape logits.shape[:-1].')
   valid = labels != ignore_label
-  # Ignored pixels are given class 0 so that the gather stays in range; `where` drops them.
-  per_pixel = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), jnp.where(valid, labels, 0).astype(jnp.int32))
+  # Ignored pixels are given class 0 so that the gathers stay in range; `where` drops them.
+  safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+  per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                              safe_labels)
   num_valid = jnp.sum(valid, dtype=jnp.int32)
-  loss = jnp.sum(jnp.where(valid, per_pixel, 0.0)) / jnp.maximum(num_valid, 1)
+  if class_weights is None:
+    weights = valid.astype(jnp.float32)
+  else:
+    if len(class_weights) != logits.shape[-1]:
+      raise ValueError(f'{len(class_weights)} class weights for {logits.shape[-1]} classes.')
+    weights = jnp.where(valid, jnp.asarray(class_weights, jnp.float32)[safe_labels], 0.0)
+  total = jnp.sum(weights)
+  loss = jnp.sum(weights * per_pixel) / jnp.where(total > 0, total, 1.0)
   return loss, num_valid
 
 

@@ -33,6 +33,7 @@ import tensorflow as tf
 from ddep_jax import checkpoints
 from ddep_jax import evaluate
 from ddep_jax import models
+from ddep_jax import objectives
 from ddep_jax import optimizer as optimizer_lib
 from ddep_jax import sharding
 from ddep_jax import train_step as train_step_lib
@@ -66,6 +67,11 @@ def check_config(config) -> None:
     if info.num_classes is not None and info.num_classes != config.num_classes:
       raise ValueError(f'config.num_classes={config.num_classes} but dataset '
                        f'{config.input.dataset!r} has {info.num_classes} classes.')
+  if config.get('class_weights') is not None:
+    if config.task != 'segment':
+      raise ValueError(f'config.class_weights weigh the segmentation loss; task={config.task!r} '
+                       'has none: set config.class_weights=None.')
+    objectives.check_class_weights(config.class_weights, config.num_classes)
   if not config.get('total_steps') and not config.get('total_epochs'):
     raise ValueError('Set config.total_steps or config.total_epochs.')
   if config.get('total_steps') and config.get('total_epochs'):

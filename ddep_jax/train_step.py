@@ -195,7 +195,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, trainable_mask,
       noisy = jax.lax.with_sharding_constraint(noisy, data_sharding)
       return objectives.squared_l2_loss(apply(noisy, noise_level=gamma), target), {}  # Eq. 6
     if task == 'segment':
-      loss, num_valid = objectives.pixel_cross_entropy(apply(images), batch['label'])
+      loss, num_valid = objectives.pixel_cross_entropy(
+          apply(images), batch['label'], class_weights=config.get('class_weights'))
       return loss, {'num_valid_pixels': num_valid}
     logits = apply(images)
     return objectives.classification_loss(logits, batch['label'], config.classification_loss), {}

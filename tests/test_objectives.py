@@ -191,6 +191,41 @@ def test_pixel_cross_entropy_with_every_pixel_ignored_is_zero():
   assert float(loss) == 0.0 and int(num_valid) == 0
 
 
+def test_weighted_pixel_cross_entropy_by_hand():
+  # Pixel losses log(4/3) (class 1, weight 2) and log 4 (class 0, weight 0.5); 255 ignored.
+  logits = jnp.array([[[0.0, np.log(3.0)], [0.0, np.log(3.0)], [100.0, -100.0]]])
+  labels = jnp.array([[1, 0, 255]])
+  loss, num_valid = objectives.pixel_cross_entropy(logits, labels, class_weights=(0.5, 2.0))
+  assert int(num_valid) == 2
+  assert float(loss) == pytest.approx((2 * np.log(4 / 3) + 0.5 * np.log(4)) / 2.5, rel=1e-6)
+  # Unit weights are the unweighted loss; weight 0 removes a class like the ignore label does.
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.normal(size=(2, 4, 4, 3)).astype(np.float32))
+  labels = rng.integers(0, 3, size=(2, 4, 4)).astype(np.int32)
+  np.testing.assert_allclose(
+      objectives.pixel_cross_entropy(logits, jnp.asarray(labels), class_weights=(1, 1, 1))[0],
+      objectives.pixel_cross_entropy(logits, jnp.asarray(labels))[0], rtol=1e-6)
+  np.testing.assert_allclose(
+      objectives.pixel_cross_entropy(logits, jnp.asarray(labels), class_weights=(0, 1, 1))[0],
+      objectives.pixel_cross_entropy(logits, jnp.asarray(np.where(labels == 0, 255, labels)))[0],
+      rtol=1e-6)
+  with pytest.raises(ValueError, match='2 class weights for 3 classes'):
+    objectives.pixel_cross_entropy(logits, jnp.asarray(labels), class_weights=(1, 1))
+
+
+@pytest.mark.parametrize('weights, message', [
+    ((1.0, 1.0), 'has 2 entries but config.num_classes=3'),
+    ((1.0, -1.0, 1.0), 'finite number >= 0'),
+    ((1.0, float('nan'), 1.0), 'finite number >= 0'),
+    ((0, 0, 0), 'all 0'),
+])
+def test_check_class_weights_rejects(weights, message):
+  with pytest.raises(ValueError, match=message):
+    objectives.check_class_weights(weights, 3)
+  objectives.check_class_weights(None, 3)
+  objectives.check_class_weights((0.1, 1, 1), 3)
+
+
 def test_classification_losses_by_hand():
   logits = jnp.array([[0.0, np.log(3.0)], [0.0, 0.0]])
   labels = jnp.array([1, 0])

@@ -214,5 +214,13 @@ def test_config_errors_are_clear(digit_scenes_dir):
     config.total_steps = 0
   with pytest.raises(ValueError, match='total_steps or config.total_epochs'):
     train.check_config(config)
+  config = _config(digit_scenes_dir, task='segment')
+  config.class_weights = (1.0,) * (config.num_classes - 1)
+  with pytest.raises(ValueError, match='one weight per class'):
+    train.check_config(config)
+  config = _config(digit_scenes_dir, task='denoise')
+  config.class_weights = (1.0,) * 11
+  with pytest.raises(ValueError, match='has none'):
+    train.check_config(config)
   with pytest.raises(ValueError, match='Unknown config argument'):
     tiny_config.get_config('tsk=segment')

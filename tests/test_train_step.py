@@ -193,6 +193,27 @@ def test_fine_tuning_overfits_and_counts_valid_pixels(ddep_single):
   assert all(int(m['num_valid_pixels']) == expected_valid for m in run.metrics)
 
 
+def test_segment_loss_applies_config_class_weights(ddep_single):
+  # The denoising model's 3 outputs stand in for the logits of 3 classes (no extra compile).
+  mask = ddep_single.opt.trainable_mask
+  trainable, frozen = train_step.partition_params(ddep_single.initial_params, mask)
+  batch = _batch('segment')
+  labels = np.where(batch['label'] == 255, 255, batch['label'] % 3).astype(np.int32)
+
+  def loss(class_weights, labels):
+    config = _config('segment', EVERYTHING, class_weights=class_weights)
+    loss_fn = train_step.make_loss_fn(config, ddep_single.model, mask, ddep_single.mesh)
+    return float(loss_fn(trainable, frozen, dict(batch, label=labels), 0)[0])
+
+  unweighted = loss(None, labels)
+  assert loss((1.0, 1.0, 1.0), labels) == pytest.approx(unweighted, rel=1e-6)
+  # Weight 0 on class 0 is the loss with class 0 ignored; a small weight is in between.
+  without_class0 = loss(None, np.where(labels == 0, 255, labels))
+  assert loss((0.0, 1.0, 1.0), labels) == pytest.approx(without_class0, rel=1e-6)
+  assert min(unweighted, without_class0) < loss((0.1, 1.0, 1.0), labels) < max(unweighted,
+                                                                               without_class0)
+
+
 def test_classification_overfits(ddep_single):
   # Encoder-only model: the denoising model's encoder with a zero-initialised class head, as
   # vision_transformer initialises it.

@@ -216,7 +216,7 @@ for _spec in [
     DatasetSpec(
         name='digit_scenes', tfds_name='ddep_digit_scenes/segmentation', kind=SEGMENTATION,
         label_key='segmentation_mask', num_classes=11, label_table=_identity_table(11),
-        class_names=DIGIT_SCENES_CLASSES, crop_size=(64, 64)),
+        class_names=DIGIT_SCENES_CLASSES, crop_size=(32, 32)),
     DatasetSpec(name='digit_scenes_classification', tfds_name='ddep_digit_scenes/classification',
                 kind=CLASSIFICATION, label_key='label', num_classes=10,
                 class_names=DIGIT_SCENES_CLASSES[1:]),

@@ -299,4 +299,4 @@ def test_digit_scenes_through_the_project_builder(tmp_path):
   eval_batches, num_batches = input_pipeline.get_eval_dataset(eval_config, 'segment',
                                                               process_index=0, process_count=1)
   sizes = np.concatenate([b['orig_size'][b['valid']] for b in eval_batches])
-  assert num_batches == 2 and sizes.tolist() == [[64, 64]] * 3 and eval_batches.pad_to == (64, 64)
+  assert num_batches == 2 and sizes.tolist() == [[32, 32]] * 3 and eval_batches.pad_to == (32, 32)

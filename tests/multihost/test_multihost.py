@@ -215,7 +215,7 @@ def test_sharded_state_checkpoint_and_evaluation_match_one_process(digit_scenes_
   params = worker.place(values['params'],
                         sharding.param_shardings(abstract['params'], mesh4, config))
   segment, confusion = _single_process_evaluation(config, model, params, mesh4)
-  assert confusion.sum() == 13 * 64 * 64  # Every pixel of the 13 images, padding excluded.
+  assert confusion.sum() == 13 * 32 * 32  # Every pixel of the 13 images, padding excluded.
   for s in seen:
     np.testing.assert_array_equal(np.array(s['confusion']), confusion)
     _assert_results_equal(s['segment'], segment, SEGMENTATION_RESULTS)

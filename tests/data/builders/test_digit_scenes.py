@@ -14,7 +14,7 @@ SMALL = {
     task: digit_scenes.DigitScenesConfig(name=f'{task}_small', task=task, **sizes)
     for task, sizes in (('segmentation', dict(num_train=4, num_validation=2)),
                         ('classification', dict(num_train=4, num_validation=2,
-                                                digits_per_scene=(1, 1), digit_size=(36, 52))),
+                                                digits_per_scene=(1, 1), digit_size=(20, 28))),
                         ('unlabeled', dict(num_train=3, num_validation=0)))}
 
 
@@ -92,7 +92,7 @@ def test_scene_masks_hold_exactly_the_placed_digits(sources):
   for index in range(40):
     image, mask, placed = digit_scenes.render_scene(np.random.default_rng([1, index]), digits,
                                                     labels, rows, regions, config)
-    assert image.shape == (64, 64, 3) and mask.shape == (64, 64)
+    assert image.shape == (32, 32, 3) and mask.shape == (32, 32)
     assert set(placed) <= set(rows.tolist())  # Validation scenes use validation digits.
     expected = {int(labels[row]) + 1 for row in placed}
     assert set(np.unique(mask).tolist()) - {0} == expected
@@ -104,7 +104,7 @@ def test_builder_output_values(tmp_path, build, read_split):
   segmentation = read_split(build(digit_scenes.DigitScenes, SMALL['segmentation']), 'train')
   for image_id, example in segmentation.items():
     assert image_id.startswith('train_')
-    assert example['image'].shape == (64, 64, 3)
+    assert example['image'].shape == (32, 32, 3)
     assert 0 < (example['segmentation_mask'] > 0).mean() < 0.5
     assert example['segmentation_mask'].max() <= 10
   classification = build(digit_scenes.DigitScenes, SMALL['classification'])
