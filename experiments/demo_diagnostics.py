@@ -7,11 +7,12 @@ r"""Why does the demo's fine-tuning predict only background? Measurements on a f
 For each initialisation (the demo's pretraining checkpoints in `<demo_dir>/pretrain/<init>`),
 on `ddep_digit_scenes/segmentation` (the demo's `<demo_dir>/tfds`), it prints:
 
-* `probe`: a linear classifier on the *frozen* encoder's 4x4 token map, its logits upsampled
+* `probe`: a linear classifier on the *frozen* encoder's token map (2x2), its logits upsampled
   bilinearly to pixels, trained with pixel cross-entropy (Adam 1e-2, 200 steps of 32).
   It says how much digit identity the encoder carries where the digits are.
-* `finetune`: the whole model (encoder, decoder, fresh head) trained with pixel cross-entropy,
-  Adam with a cosine schedule, batches of the `finetune` stage's size drawn from the first
+* `finetune`: the whole model (encoder, decoder, fresh head) trained with pixel cross-entropy
+  (weighted by the stage's `class_weights`; unweighted with `--binary`), Adam with a cosine
+  schedule, batches of the `finetune` stage's size drawn from the first
   `num_labelled` of a seeded permutation of the train scenes, no augmentation: a standalone,
   faster version of the demo's `finetune` stage, evaluated every `eval_every` steps. The model
   and what it starts from (`init_from`) are those of `configs/demo.py:stage=finetune,init=...`.
@@ -46,6 +47,7 @@ if REPO_ROOT not in sys.path:
 from ddep_jax import checkpoints
 from ddep_jax import metrics
 from ddep_jax import models
+from ddep_jax import objectives
 from ddep_jax.data.builders import digit_scenes
 from experiments import sweep
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -145,7 +147,7 @@ def probe(model, params, train, val, num_classes: int, seed: int,
 
 
 def finetune(model, params, train, val, *, init: str, steps: int, lr: float, eval_every: int,
-             batch_size: int, seed: int) -> None:
+             batch_size: int, seed: int, class_weights=None) -> None:
   """Trains the whole model and prints its scores every `eval_every` steps."""
   (x_train, y_train), (x_val, y_val) = train, val
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps)
@@ -156,7 +158,7 @@ def finetune(model, params, train, val, *, init: str, steps: int, lr: float, eva
   def step(params, opt, x, y):
     def loss_fn(p):
       out, _ = model.apply({'params': p}, x, train=True)
-      return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+      return objectives.pixel_cross_entropy(out, y, class_weights=class_weights)[0]
     loss, grad = jax.value_and_grad(loss_fn)(params)
     updates, opt = tx.update(grad, opt, params)
     return optax.apply_updates(params, updates), opt, loss
@@ -191,7 +193,8 @@ def main(argv):
     result = probe(model, params, train, val, num_classes, FLAGS.seed, FLAGS.probe_steps)
     print(f'{init:>10} probe (frozen tokens): {fmt(result)}', flush=True)
     finetune(model, params, train, val, init=init, steps=FLAGS.steps, lr=FLAGS.lr,
-             eval_every=FLAGS.eval_every, batch_size=config.input.batch_size, seed=FLAGS.seed)
+             eval_every=FLAGS.eval_every, batch_size=config.input.batch_size, seed=FLAGS.seed,
+             class_weights=None if FLAGS.binary else config.class_weights)
 
 
 def define_flags() -> None:
