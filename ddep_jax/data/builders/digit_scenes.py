@@ -279,12 +279,12 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       DigitScenesConfig(name='segmentation', task='segmentation', num_train=1000,
                         num_validation=200,
-                        description='Multi-digit scenes; mask 0 = background, 1..10 = digit 0..9.'),
+                        description='1-2 digits per scene; mask 0 = background, 1..10 = digit 0..9.'),
       DigitScenesConfig(name='classification', task='classification', num_train=4000,
                         num_validation=1000, digits_per_scene=(1, 1), digit_size=(20, 28),
                         description='One centred digit per scene; label = the digit.'),
       DigitScenesConfig(name='unlabeled', task='unlabeled', num_train=2000, num_validation=0,
-                        description='Multi-digit scenes without labels, for denoising.'),
+                        description='Segmentation-style scenes without labels, for denoising.'),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
