@@ -279,7 +279,8 @@ class DigitScenes(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       DigitScenesConfig(name='segmentation', task='segmentation', num_train=1000,
                         num_validation=200,
-                        description='1-2 digits per scene; mask 0 = background, 1..10 = digit 0..9.'),
+                        description=('1-2 digits per scene; mask 0 = background, '
+                                     '1..10 = digit 0..9.')),
       DigitScenesConfig(name='classification', task='classification', num_train=4000,
                         num_validation=1000, digits_per_scene=(1, 1), digit_size=(20, 28),
                         description='One centred digit per scene; label = the digit.'),
