@@ -53,11 +53,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from ddep_jax import checkpoints
+from ddep_jax import fileio
 from ddep_jax import train
 from ddep_jax.data import datasets
 from ddep_jax.data.builders import digit_scenes
 from experiments import collect_results
-from experiments import fileio
 from experiments import hyper
 from experiments import sweep
 # pylint: enable=g-import-not-at-top,wrong-import-position

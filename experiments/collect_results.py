@@ -39,7 +39,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from experiments import fileio
+from ddep_jax import fileio
 
 _MAX_LISTED = 20  # Work directories listed in an error before "... and N more".
 

@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 from absl import app
 from absl import flags
 
-from experiments import fileio
+from ddep_jax import fileio
 from experiments import hyper
 
 TRAINER_MODULE = 'ddep_jax.main'

@@ -21,7 +21,7 @@ import pytest
 from ddep_jax import checkpoints
 from ddep_jax import demo
 from experiments import demo_diagnostics
-from experiments import fileio
+from ddep_jax import fileio
 from experiments import hyper
 from experiments import sweep
 

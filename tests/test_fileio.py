@@ -1,4 +1,4 @@
-"""Tests of experiments.fileio, including the tf.io.gfile path that gs:// work directories take.
+"""Tests of ddep_jax.fileio, including the tf.io.gfile path that gs:// work directories take.
 
 TensorFlow's in-memory `ram://` file system stands in for GCS: same code path, no network.
 """
@@ -7,7 +7,7 @@ import json
 import os
 
 from experiments import collect_results
-from experiments import fileio
+from ddep_jax import fileio
 from experiments import sweep
 
 
@@ -36,6 +36,8 @@ def test_remote_paths(tmp_path):
   root = f'ram://{tmp_path.name}/'
   assert fileio.join(root, 'x', 'results/') == f'ram://{tmp_path.name}/x/results'
   fileio.write_json(fileio.join(root, 'x', 'results', 'val.json'), {'final': True})
+  assert fileio.glob(f'ram://{tmp_path.name}/x/results/*') == [
+      f'ram://{tmp_path.name}/x/results/val.json']
   assert fileio.read_json(f'ram://{tmp_path.name}/x/results/val.json') == {'final': True}
   assert fileio.glob(f'ram://{tmp_path.name}/*') == [f'ram://{tmp_path.name}/x']
   assert fileio.isdir(f'ram://{tmp_path.name}/x')
