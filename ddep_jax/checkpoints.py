@@ -16,7 +16,6 @@ wrote them, and merged into its freshly initialised parameters with errors that 
 offending path.
 """
 
-import os
 import re
 import signal
 import threading
@@ -28,12 +27,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ddep_jax import fileio
+
 STATE = 'state'
 META = 'meta'
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, 'checkpoints')
+  return fileio.join(workdir, 'checkpoints')
 
 
 class Checkpointer:
@@ -117,14 +118,15 @@ class Checkpointer:
 
 def _resolve_checkpoint(path: str, step: int | None) -> tuple[str, int]:
   """Accepts a workdir, its `checkpoints/` directory, or a `checkpoints/<step>` directory."""
-  path = os.fspath(path).rstrip('/')
-  base = os.path.basename(path)
-  if base.isdigit() and os.path.isdir(path):
-    return os.path.dirname(path), int(base)
+  # fileio, not os.path: `gs://` checkpoints of an earlier stage are the rule on TPU pods.
+  path = str(path).rstrip('/')
+  base = path.rsplit('/', 1)[-1]
+  if base.isdigit() and fileio.isdir(path):
+    return fileio.dirname(path), int(base)
   for directory in (checkpoint_dir(path), path):
-    if os.path.isdir(directory):
-      steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit() and
-                     os.path.exists(os.path.join(directory, d, META)))
+    if fileio.isdir(directory):
+      steps = sorted(int(d) for d in fileio.listdir(directory) if d.isdigit() and
+                     fileio.exists(fileio.join(directory, d, META)))
       if steps:
         if step is None:
           return directory, steps[-1]

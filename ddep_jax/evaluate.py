@@ -15,7 +15,6 @@ batch (`valid == False`) and pixels labelled 255 never count.
 
 import functools
 import json
-import os
 from typing import Any, Mapping
 
 from absl import app
@@ -28,6 +27,7 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
+from ddep_jax import fileio
 from ddep_jax import inference
 from ddep_jax import metrics
 from ddep_jax import objectives
@@ -210,13 +210,11 @@ def make_evaluators(config, model, mesh) -> list[Evaluator]:
 
 def write_results(workdir: str, name: str, results: Mapping, *, step: int, final: bool) -> str:
   """Writes `<workdir>/results/<name>.json` (process 0 only); returns its path."""
-  path = os.path.join(workdir, 'results', f'{name}.json')
+  path = fileio.join(workdir, 'results', f'{name}.json')
   if jax.process_index() == 0:
-    tf.io.gfile.makedirs(os.path.dirname(path))
     payload = dict(results, step=int(step), final=bool(final), eval_name=name)
-    with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
-      json.dump(payload, f, indent=2, sort_keys=True, allow_nan=True)
-    tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+    # fileio: tmp + rename locally, one direct (atomic) upload on gs://.
+    fileio.write_text(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=True))
   return path
 
 

@@ -52,6 +52,37 @@ def dirname(path: str) -> str:
   return path.rstrip('/').rsplit('/', 1)[0] if is_remote(path) else os.path.dirname(path)
 
 
+def listdir(path: str) -> list[str]:
+  """Sorted names of the entries of a directory (no trailing `/` on sub-directories)."""
+  names = _gfile().listdir(path) if is_remote(path) else os.listdir(path)
+  return sorted(n.rstrip('/') for n in names)
+
+
+def read_bytes(path: str) -> bytes:
+  if is_remote(path):
+    with _gfile().GFile(path, 'rb') as f:
+      return f.read()
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` in one piece (a single upload on object stores), creating parent directories.
+
+  Serialise into `io.BytesIO` first: writers that seek or tell (zip, `np.savez`) cannot write to
+  GCS files directly.
+  """
+  parent = dirname(path)
+  if parent:
+    makedirs(parent)
+  if is_remote(path):
+    with _gfile().GFile(path, 'wb') as f:
+      f.write(data)
+  else:
+    with open(path, 'wb') as f:
+      f.write(data)
+
+
 def glob(pattern: str) -> list[str]:
   """Sorted matches of a shell-style pattern."""
   matches = _gfile().glob(pattern) if is_remote(pattern) else glob_lib.glob(pattern)

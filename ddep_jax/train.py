@@ -16,7 +16,6 @@ Order of initialisation (first that applies):
 """
 
 import math
-import os
 from typing import Any, Mapping
 
 from absl import logging
@@ -28,10 +27,10 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from ddep_jax import checkpoints
 from ddep_jax import evaluate
+from ddep_jax import fileio
 from ddep_jax import models
 from ddep_jax import objectives
 from ddep_jax import optimizer as optimizer_lib
@@ -179,9 +178,8 @@ def _resample_position_embedding(loaded: Mapping, params: Mapping, config) -> Ma
 def _save_config(config, workdir):
   if jax.process_index() != 0:
     return
-  tf.io.gfile.makedirs(workdir)
-  with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  fileio.write_text(fileio.join(workdir, 'config.json'),
+                    config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _meta(config, step):

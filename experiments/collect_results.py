@@ -423,10 +423,22 @@ def plot_label_efficiency(table: Table, path: str, *, title: str | None = None,
   axes.grid(alpha=0.3)
   axes.legend(title=' / '.join(table.row_keys))
   figure.tight_layout()
-  dirname = os.path.dirname(path)
-  if dirname:
-    os.makedirs(dirname, exist_ok=True)
-  figure.savefig(path, dpi=150, format='png')
+  buffer = io.BytesIO()
+  figure.savefig(buffer, dpi=150, format='png')
+  fileio.write_bytes(path, buffer.getvalue())
+
+
+def write_tables(table, base: str, *, precision: int = 2, plot: bool = True,
+                 title: str | None = None) -> str:
+  """Writes `<base>.md`, `<base>.csv` (and `<base>.png`), local or gs://; returns the Markdown."""
+  markdown = (f'{caption(table)}\n\n{to_markdown(table, precision)}\n\n'
+              f'Chosen hyper-parameters (mean {table.select_metric} on '
+              f'`{table.select_eval}`):\n\n{hparams_markdown(table)}\n')
+  fileio.write_text(base + '.md', markdown)
+  fileio.write_text(base + '.csv', to_csv(table))
+  if plot:
+    plot_label_efficiency(table, base + '.png', title=title)
+  return markdown
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -435,7 +447,7 @@ def _define_flags() -> None:
   """Defines the flags; only when run as a program, so the module imports as a library."""
   flags.DEFINE_list('workdirs', None, 'Comma-separated globs of work directories (local or '
                     'gs://), e.g. "/tmp/sweeps/cityscapes/*".')
-  flags.DEFINE_string('out', None, 'Local directory for <name>.md, <name>.csv and <name>.png.')
+  flags.DEFINE_string('out', None, 'Directory (local or gs://) for <name>.md, <name>.csv and <name>.png.')
   flags.DEFINE_string('name', 'results', 'Base name of the output files.')
   flags.DEFINE_list('row_key', ['init'], 'Key(s) of the rows, e.g. init,decoder_width.')
   flags.DEFINE_string('col_key', 'label_fraction', 'Key of the columns, e.g. label_count.')
@@ -477,17 +489,9 @@ def main(argv: Sequence[str]) -> None:
   if not table.cells:
     raise app.UsageError(f'None of the {len(records)} runs found is left to tabulate (filtered '
                          f'by --where={FLAGS.where}, or unfinished and skipped).')
-  os.makedirs(FLAGS.out, exist_ok=True)
-  base = os.path.join(FLAGS.out, FLAGS.name)
-  markdown = (f'{caption(table)}\n\n{to_markdown(table, FLAGS.precision)}\n\n'
-              f'Chosen hyper-parameters (mean {table.select_metric} on '
-              f'`{table.select_eval}`):\n\n{hparams_markdown(table)}\n')
-  with open(base + '.md', 'w', encoding='utf-8') as f:
-    f.write(markdown)
-  with open(base + '.csv', 'w', encoding='utf-8') as f:
-    f.write(to_csv(table))
-  if FLAGS.plot:
-    plot_label_efficiency(table, base + '.png', title=FLAGS.title)
+  base = fileio.join(FLAGS.out, FLAGS.name)
+  markdown = write_tables(table, base, precision=FLAGS.precision, plot=FLAGS.plot,
+                          title=FLAGS.title)
   print(markdown)
   print(f'Wrote {base}.md, {base}.csv{", " + base + ".png" if FLAGS.plot else ""}')
 

@@ -42,6 +42,8 @@ from ddep_jax import fileio
 from experiments import hyper
 
 TRAINER_MODULE = 'ddep_jax.main'
+# Set by the TPU launcher on every worker of a pod slice to its worker number.
+PROCESS_INDEX_ENV = 'DDEP_PROCESS_INDEX'
 # Work-directory names keep to characters that are safe in file names, shell words and GCS
 # object names; everything else becomes '_'.
 _UNSAFE_RE = re.compile(r'[^A-Za-z0-9._=+-]')
@@ -331,12 +333,16 @@ def _check_run_json(run: Run) -> None:
 
 def run_sweep(runs: Sequence[Run], *, python: str = sys.executable, extra: Sequence[str] = (),
               module: str = TRAINER_MODULE, dry_run: bool = False, keep_going: bool = False,
-              out=None) -> list[str]:
+              out=None, process_index: int = 0) -> list[str]:
   """Runs (or, with `dry_run`, prints) the runs in order; returns the names of failed runs.
 
   Finished runs are skipped. Others get `run.json` and the trainer command, which resumes a
   started run from its work directory. A run fails when the command exits non-zero or leaves no
   final results; the sweep stops there unless `keep_going`.
+
+  On a pod slice every worker runs the same sweep (`process_index` is its worker number): only
+  worker 0 writes `run.json` (one writer per shared object), and the others judge a run by their
+  trainer's exit status alone, since worker 0 may still be writing the final results.
   """
   out = out or sys.stdout
   failed = []
@@ -350,10 +356,11 @@ def run_sweep(runs: Sequence[Run], *, python: str = sys.executable, extra: Seque
     print(shlex.join(argv), file=out, flush=True)
     if dry_run:
       continue
-    _check_run_json(run)
-    fileio.write_json(fileio.join(run.workdir, 'run.json'), run.run_json())
+    if process_index == 0:
+      _check_run_json(run)
+      fileio.write_json(fileio.join(run.workdir, 'run.json'), run.run_json())
     returncode = subprocess.run(argv, check=False).returncode
-    if returncode == 0 and status(run.workdir) == 'finished':
+    if returncode == 0 and (process_index != 0 or status(run.workdir) == 'finished'):
       continue
     why = (f'exited with status {returncode}' if returncode else
            'exited without final results (no results/*.json with "final": true)')
@@ -382,6 +389,9 @@ def _define_flags() -> None:
   flags.DEFINE_string('module', TRAINER_MODULE, 'Module started with `python -m` for each run.')
   flags.DEFINE_bool('validate', True, 'Check every config.* key against get_config(arg) first.')
   flags.DEFINE_bool('keep_going', False, 'Go on with the next run when one fails.')
+  flags.DEFINE_integer('process_index', int(os.environ.get(PROCESS_INDEX_ENV, '0')),
+                       'Worker number on a pod slice (default: $DDEP_PROCESS_INDEX, else 0); '
+                       'only worker 0 writes run.json.')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -395,7 +405,8 @@ def main(argv: Sequence[str]) -> None:
   print(f'# {FLAGS.config}: {len(runs)} runs in the sweep, {len(chosen)} selected, under '
         f'{FLAGS.workdir_root}', flush=True)
   failed = run_sweep(chosen, python=FLAGS.python, extra=FLAGS.set, module=FLAGS.module,
-                     dry_run=FLAGS.dry_run, keep_going=FLAGS.keep_going)
+                     dry_run=FLAGS.dry_run, keep_going=FLAGS.keep_going,
+                     process_index=FLAGS.process_index)
   if failed:
     sys.exit(f'{len(failed)} run(s) failed: {", ".join(failed)}')
 

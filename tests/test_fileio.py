@@ -3,6 +3,7 @@
 TensorFlow's in-memory `ram://` file system stands in for GCS: same code path, no network.
 """
 
+import io
 import json
 import os
 
@@ -61,3 +62,74 @@ def test_sweep_and_collector_on_remote_workdirs(tmp_path):
       workdir=workdir, tags={'init': 'ddep', 'lr': 1e-4, 'subset_seed': 0}, config={},
       results={'val': {'mIoU': 0.5, 'final': True}})
   assert json.loads(json.dumps(runs[0].run_json())) == fileio.read_json(f'{workdir}/run.json')
+
+
+# -- every user path of the library on a non-local file system -----------------------------------
+
+def test_checkpoint_resolution_on_a_remote_workdir(tmp_path):
+  from ddep_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  workdir = f'ram://{tmp_path.name}/pretrain/ddep'
+  for step in (3, 7):
+    fileio.write_json(f'{workdir}/checkpoints/{step}/meta/metadata', {'step': step})
+  fileio.makedirs(f'{workdir}/checkpoints/9.orbax-checkpoint-tmp-1')  # An unfinished save.
+  fileio.makedirs(f'{workdir}/checkpoints/11/state')  # No meta: not a complete checkpoint.
+  ckpt_dir = f'{workdir}/checkpoints'
+  assert checkpoints._resolve_checkpoint(workdir, None) == (ckpt_dir, 7)
+  assert checkpoints._resolve_checkpoint(workdir + '/', 3) == (ckpt_dir, 3)
+  assert checkpoints._resolve_checkpoint(ckpt_dir, None) == (ckpt_dir, 7)
+  assert checkpoints._resolve_checkpoint(f'{ckpt_dir}/3', None) == (ckpt_dir, 3)
+  try:
+    checkpoints._resolve_checkpoint(workdir, 5)
+  except FileNotFoundError as e:
+    assert str(e) == f'No checkpoint for step 5 in {ckpt_dir}; available steps: [3, 7].'
+  else:
+    raise AssertionError('no error')
+  try:
+    checkpoints._resolve_checkpoint(f'ram://{tmp_path.name}/pretrain/dep', None)
+  except FileNotFoundError as e:
+    assert f"No Orbax checkpoint found at 'ram://{tmp_path.name}/pretrain/dep'" in str(e)
+  else:
+    raise AssertionError('no error')
+
+
+def test_npz_split_files_config_and_results_on_a_remote_workdir(tmp_path, monkeypatch):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ddep_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from ddep_jax import train  # pylint: disable=g-import-not-at-top
+  from ddep_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from ddep_jax.data import subsets  # pylint: disable=g-import-not-at-top
+  from ddep_jax.models import pretrained  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  root = f'ram://{tmp_path.name}'
+
+  npz = f'{root}/vit/R50+ViT-B_16.npz'
+  buffer = io.BytesIO()
+  np.savez(buffer, **{'Transformer/encoder_norm/scale': np.arange(3, dtype=np.float32)})
+  fileio.write_bytes(npz, buffer.getvalue())
+  tree = pretrained.read_npz(npz)
+  np.testing.assert_array_equal(tree['Transformer']['encoder_norm']['scale'], [0.0, 1.0, 2.0])
+
+  split = f'{root}/run/{input_pipeline.SUBSET_IDS_FILENAME}'
+  subsets.write_split_file(split, ['b_2', 'a_1'])
+  assert fileio.read_text(split) == 'a_1\nb_2\n'
+  assert subsets.read_split_file(split) == ['a_1', 'b_2']
+
+  config = ml_collections.ConfigDict({'lr': 1e-4, 'input': {'batch_size': 16}})
+  train._save_config(config, f'{root}/run')
+  assert fileio.read_json(f'{root}/run/config.json') == {'lr': 1e-4, 'input': {'batch_size': 16}}
+
+  path = evaluate.write_results(f'{root}/run', 'val', {'mIoU': 0.25}, step=10, final=True)
+  assert path == f'{root}/run/results/val.json'
+  assert fileio.read_json(path) == {'mIoU': 0.25, 'step': 10, 'final': True, 'eval_name': 'val'}
+  assert not fileio.exists(path + '.tmp')
+  # Only process 0 writes shared files.
+  monkeypatch.setattr(jax_module(), 'process_index', lambda: 1)
+  train._save_config(ml_collections.ConfigDict({'lr': 0.5}), f'{root}/run')
+  evaluate.write_results(f'{root}/run', 'val', {'mIoU': 0.5}, step=20, final=True)
+  assert fileio.read_json(f'{root}/run/config.json')['lr'] == 1e-4
+  assert fileio.read_json(path)['mIoU'] == 0.25
+
+
+def jax_module():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax

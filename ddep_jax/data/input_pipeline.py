@@ -24,7 +24,6 @@ trainer can sum the count to notice corrupt masks.
 
 import dataclasses
 import math
-import os
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ddep_jax import fileio
 from ddep_jax.data import datasets
 from ddep_jax.data import preprocessing
 from ddep_jax.data import subsets
@@ -406,7 +406,7 @@ def get_train_dataset(input_config, task: str, *, seed: int, start_step: int = 0
                  _field(input_config, 'data_dir'))
   subset = _subset_ids(source, input_config)
   if subset is not None and workdir and process_index == 0:
-    subsets.write_split_file(os.path.join(workdir, SUBSET_IDS_FILENAME), subset)
+    subsets.write_split_file(fileio.join(workdir, SUBSET_IDS_FILENAME), subset)
   stream = _process_stream(source, subset, process_index, process_count)
   if stream.num_examples == 0:
     raise ValueError(f'Process {process_index} of {process_count} gets no examples of '

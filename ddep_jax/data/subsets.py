@@ -17,7 +17,7 @@ import hashlib
 import math
 from collections.abc import Iterable
 
-import tensorflow as tf
+from ddep_jax import fileio
 
 
 def subset_size(num_examples: int, *, label_fraction: float | None = None,
@@ -71,11 +71,7 @@ def write_split_file(path: str, ids: Iterable[str]) -> None:
     if not i or any(c.isspace() for c in i):
       raise ValueError(f'Cannot write id {i!r} to split file {path}: ids must be non-empty and '
                        'contain no whitespace.')
-  parent = path.rsplit('/', 1)[0] if '/' in path else ''
-  if parent:
-    tf.io.gfile.makedirs(parent)
-  with tf.io.gfile.GFile(path, 'w') as f:
-    f.write(''.join(f'{i}\n' for i in ids))
+  fileio.write_text(path, ''.join(f'{i}\n' for i in ids))
 
 
 def id_from_split_line(line: str) -> str:
@@ -97,12 +93,11 @@ def id_from_split_line(line: str) -> str:
 
 def read_split_file(path: str) -> list[str]:
   """Reads ids (see `id_from_split_line`); blank lines and `#` comments are skipped."""
-  if not tf.io.gfile.exists(path):
+  if not fileio.exists(path):
     raise FileNotFoundError(f'Split file {path} does not exist (config input.split_file). It '
                             'should list one example id per line, as written to '
                             '<workdir>/subset_ids.txt.')
-  with tf.io.gfile.GFile(path, 'r') as f:
-    lines = [line.strip() for line in f.read().splitlines()]
+  lines = [line.strip() for line in fileio.read_text(path).splitlines()]
   ids = [id_from_split_line(line) for line in lines if line and not line.startswith('#')]
   if not ids:
     raise ValueError(f'Split file {path} lists no ids.')

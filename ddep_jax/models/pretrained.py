@@ -21,18 +21,20 @@ explicit (`drop_head=True`); anything else that does not fit raises one error na
 offending path with both shapes.
 """
 
+import io
 import math
 import re
 from typing import Any, Mapping, Optional, Sequence
 
 from absl import logging
-from etils import epath
 import flax
 from flax.training import checkpoints as flax_checkpoints
 import jax
 import ml_collections
 import numpy as np
 import scipy.ndimage
+
+from ddep_jax import fileio
 
 POSEMB_PATH = 'encoder/Transformer/posembed_input/pos_embedding'
 CLS_PATH = 'encoder/cls'
@@ -54,12 +56,11 @@ _DOWNLOAD_HINT = ('Download the ImageNet-21k checkpoint, e.g. '
 
 def read_npz(path: str) -> dict[str, Any]:
   """Reads an `.npz` (local or gs://) into a nested dict of numpy arrays, keys as stored."""
-  path = epath.Path(path)
-  if not path.exists():
+  path = str(path)
+  if not fileio.exists(path):
     raise FileNotFoundError(f'Pretrained checkpoint not found: {path}. {_DOWNLOAD_HINT}')
-  with path.open('rb') as f:
-    with np.load(f, allow_pickle=False) as npz:
-      flat = {tuple(key.split('/')): npz[key] for key in npz.files}
+  with np.load(io.BytesIO(fileio.read_bytes(path)), allow_pickle=False) as npz:
+    flat = {tuple(key.split('/')): npz[key] for key in npz.files}
   return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -294,8 +295,7 @@ def write_fake_npz(path: str, model_config: ml_collections.ConfigDict, num_class
     arrays[key] = value.astype(np.float32)
   released = to_released_names(flax.traverse_util.unflatten_dict(arrays, sep='/'),
                                groupnorm_4d=groupnorm_4d)
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open('wb') as f:
-    np.savez(f, **released)
+  buffer = io.BytesIO()
+  np.savez(buffer, **released)
+  fileio.write_bytes(str(path), buffer.getvalue())
   return released

@@ -230,3 +230,16 @@ def test_command_line(roots, tmp_path):
        f'--out={out}'], cwd=REPO_ROOT, capture_output=True, text=True)
   assert missing.returncode != 0
   assert f"--workdirs pattern '{tmp_path}/nope*' matches no directory." in missing.stderr
+
+
+def test_tables_go_to_a_remote_out_directory(roots, tmp_path):
+  # `--out=gs://...`: the tables go through fileio (ram:// takes the same tf.io.gfile path as
+  # gs://), and nothing lands in a local directory named after the URL.
+  base = f'ram://{tmp_path.name}/tables/pascal_context'
+  markdown = cr.write_tables(table_of(roots), base)
+  from ddep_jax import fileio  # pylint: disable=g-import-not-at-top
+  assert fileio.read_text(base + '.md') == markdown
+  assert '| supervised | 62.00 ± 2.00 (3) | 38.00 ± 2.83 (2) |' in markdown
+  assert fileio.read_text(base + '.csv').startswith('init,label_fraction,mean,')
+  assert fileio.read_bytes(base + '.png')[:8] == b'\x89PNG\r\n\x1a\n'
+  assert not os.path.exists('ram:') and not os.path.exists(os.path.join(REPO_ROOT, 'ram:'))

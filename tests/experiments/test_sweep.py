@@ -282,3 +282,16 @@ def test_dry_run_command_line(repo):
       ' --config.seed=1 --config.total_steps=10 --config.distributed.initialize=True',
   ]
   assert not os.path.exists(repo / 'wd' / NAMES[3])  # A dry run writes nothing.
+
+
+def test_only_worker_zero_writes_run_json(repo):
+  # Every worker of a pod slice runs the same sweep; one writer per shared object.
+  runs = sweep.load_sweep('configs/demo.py', str(repo / 'wd'))[:1]
+  assert sweep.run_sweep(runs, python=sys.executable, module='fake_trainer',
+                         process_index=1) == []
+  assert len(calls(repo)) == 1
+  assert not os.path.exists(os.path.join(runs[0].workdir, 'run.json'))
+  os.remove(os.path.join(runs[0].workdir, 'results', 'val.json'))
+  assert sweep.run_sweep(runs, python=sys.executable, module='fake_trainer',
+                         process_index=0) == []
+  assert json.loads((repo / 'wd' / NAMES[0] / 'run.json').read_text())['name'] == NAMES[0]
