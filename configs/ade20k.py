@@ -69,6 +69,12 @@ pretrain_root=$PRETRAIN --workdir_root=$WORK/ade20k/fig5_noise_type
     Simple noise (Eq. 1)           48.88    34.21    24.07     9.17
     Scaled noise (Eq. 5)           48.97    34.99    26.86    10.80
 
+Slices (global batches must be multiples of the device count; the trainer and the TPU launcher
+check this before any step and print the override): train batch 16 and eval batch 16 run as is
+on up to 16 devices, e.g. v4-32 (16 chips, 4 hosts), v5litepod-16 (16 chips, 4 hosts), v5p-32
+(16 chips, 4 hosts), and on v4-8/16, v5litepod-4/8, v5p-8/16. On 32 devices and more pass
+`--config.input.batch_size=<devices> --config.evals.val.batch_size=<devices>`.
+
 CPU smoke run: `python -m ddep_jax.main --config=configs/ade20k.py:init=none,runlocal=True,\
 data_dir=$TFDS --workdir=/tmp/ade20k_smoke`.
 """
@@ -98,7 +104,7 @@ SETUP = stages.FinetuneSetup(
     total_steps=160_000,
     eval_protocol=stages.SLIDING_512,
     eval_resize=512,  # Short side 512, as MMSegmentation's Resize(2048, 512, keep_ratio).
-    eval_batch_size=8,
+    eval_batch_size=16,  # One image per device of a 16-device slice; results do not depend on it.
     multiscale=True,
     local_eval_resize=32,
     local_eval_protocol=stages.LOCAL_SLIDING,

@@ -79,6 +79,13 @@ pretrain_root=$PRETRAIN --workdir_root=$WORK/cityscapes/table3
     Cityscapes (fine & coarse)           80.53    72.67    62.23
     ImageNet-21k                         80.72    73.21    66.51
 
+Slices (global batches must be multiples of the device count; the trainer and the TPU launcher
+check this before any step and print the override): train batch 8 (MMSegmentation's schedule)
+and eval batch 16 run as is on up to 8 devices: v4-8/16, v5litepod-4/8, v5p-8/16. On the
+16-device slices v4-32, v5litepod-16 and v5p-32 (4 hosts each) pass
+`--config.input.batch_size=16`, which doubles the schedule's batch (keep lr and steps, or halve
+total_steps for the same epochs); on 32 devices and more raise both batches to the device count.
+
 CPU smoke run: `python -m ddep_jax.main --config=configs/cityscapes.py:init=none,runlocal=True,\
 data_dir=$TFDS --workdir=/tmp/cityscapes_smoke`.
 """
@@ -138,7 +145,7 @@ SETUP = stages.FinetuneSetup(
     total_steps=80_000,
     eval_protocol=dict(inference.CITYSCAPES_HALVES),
     eval_resize=None,  # The full 1024x2048 frames.
-    eval_batch_size=8,
+    eval_batch_size=16,  # One image per device of a 16-device slice; results do not depend on it.
     multiscale=False,  # §5.2: "we do not perform evaluation at multiple scales on Cityscapes".
     local_eval_resize=(32, 64),  # The halves protocol in miniature: two 32x32 windows.
     local_eval_protocol=dict(mode='sliding', crop_size=(32, 32), stride=(32, 32), flip=True),

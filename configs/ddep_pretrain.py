@@ -54,6 +54,9 @@ Sweeps. Run each with `--workdir_root=$PRETRAIN/<sweep>`: the fine-tuning config
       --config=configs/ddep_pretrain.py:sweep=r50_unet,pretrain_root=$PRETRAIN \
       --workdir_root=$PRETRAIN/r50_unet
 
+Slices: train batch 512 and eval batch 256 run as is on any slice of up to 256 devices whose
+count divides 256, e.g. v4-32, v5litepod-16, v5p-32 (16 devices each) up to v4-512 / v5p-512.
+
 The 2x / 3x decoders on many devices: `--config.mesh="(('data', -1), ('fsdp', 4))"
 --config.sharding_rules="(('decoder/.*', 'fsdp'), ('.*', 'replicate'))"`; bfloat16 compute:
 `--config.model.dtype=bfloat16`.

@@ -91,6 +91,12 @@ pretrain_root=$PRETRAIN --workdir_root=$WORK/pascal_context/fig5_noise_type
     Simple noise (Eq. 1)           59.64    44.70    39.14    18.05
     Scaled noise (Eq. 5)           60.00    48.27    41.93    19.69
 
+Slices (global batches must be multiples of the device count; the trainer and the TPU launcher
+check this before any step and print the override): train batch 16 and eval batch 16 run as is
+on up to 16 devices, e.g. v4-32 (16 chips, 4 hosts), v5litepod-16 (16 chips, 4 hosts), v5p-32
+(16 chips, 4 hosts), and on v4-8/16, v5litepod-4/8, v5p-8/16. On 32 devices and more pass
+`--config.input.batch_size=<devices> --config.evals.val.batch_size=<devices>`.
+
 CPU smoke run: `python -m ddep_jax.main --config=configs/pascal_context.py:init=none,\
 runlocal=True,data_dir=$TFDS --workdir=/tmp/pascal_context_smoke`.
 """
@@ -141,7 +147,7 @@ SETUP = stages.FinetuneSetup(
     total_steps=80_000,
     eval_protocol=stages.SLIDING_512,
     eval_resize=None,  # Original resolution (at most 500 px: one window at scale 1).
-    eval_batch_size=8,
+    eval_batch_size=16,  # One image per device of a 16-device slice; results do not depend on it.
     multiscale=True,
     local_eval_resize=32,
     local_eval_protocol=stages.LOCAL_SLIDING,

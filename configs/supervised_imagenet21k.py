@@ -15,6 +15,9 @@ or, as a sweep that puts the runs where the later stages look for them (`pretrai
   python -m experiments.sweep --config=configs/supervised_imagenet21k.py \
       --workdir_root=$PRETRAIN/supervised --only='model=r50_unet'
 
+Slices: train batch 4096 and eval batch 1024 run as is on any slice of up to 1024 devices whose
+count divides 1024 (v4-32, v5litepod-16 and v5p-32 included).
+
 Arguments (`:k=v,...`):
   model=transunet|r50_unet   R50+ViT-B/16 classifier (class token, 768-d `pre_logits`, as the
                              released file) or the ResNet-50 (global average pool).

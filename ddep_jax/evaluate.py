@@ -231,6 +231,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str | None = None) -> 
   from ddep_jax import train  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(config)
   mesh = sharding.make_mesh(config)
+  sharding.check_batch_sizes(config, jax.device_count(), jax.process_count(), include_train=False)
   model = train.build_model_for(config)
   loaded, step = checkpoints.load_params(checkpoint or workdir)
   params = train.place_params(loaded, model, config, mesh)

@@ -100,6 +100,41 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
                        devices=devices)
 
 
+def check_batch_sizes(config: ml_collections.ConfigDict, device_count: int,
+                      process_count: int = 1, *, where: str = 'this job',
+                      include_train: bool = True) -> None:
+  """Refuses, before any step, a train or eval batch that cannot be split over the devices.
+
+  Every batch is split evenly over all devices (the data and fsdp axes), each process reading
+  its share; an eval batch that does not fit would otherwise fail only at the first evaluation,
+  after hours of training. The error gives the command-line overrides that fit.
+  """
+  if device_count % process_count:
+    raise ValueError(f'{device_count} devices cannot be split evenly over {process_count} '
+                     'processes.')
+
+  def fitting(batch_size: int) -> int:
+    return max(device_count, -(-batch_size // device_count) * device_count)
+
+  problems = []
+  batches = [('config.input.batch_size', int(config.input.batch_size))] if include_train else []
+  evals = config.get('evals') or {}
+  batches += [(f'config.evals.{name}.batch_size', int(evals[name].batch_size))
+               for name in sorted(evals)]
+  for key, batch_size in batches:
+    if batch_size <= 0 or batch_size % device_count:
+      problems.append((key, batch_size))
+  if problems:
+    found = ', '.join(f'{key}={size}' for key, size in problems)
+    overrides = ' '.join(f'--{key}={fitting(size)}' for key, size in problems)
+    note = (' A larger train batch changes the optimisation (the paper\'s schedule); or run on a '
+            'slice whose device count divides it.' if problems[0][0] == 'config.input.batch_size'
+            else ' The eval batch size does not change the results.')
+    raise ValueError(f'{found}: every global batch must be a multiple of the {device_count} '
+                     f'devices of {where} ({process_count} process{"es" * (process_count != 1)}). Pass '
+                     f'{overrides}.{note}')
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over every mesh axis (FSDP is data-parallel too)."""
   return NamedSharding(mesh, P(mesh.axis_names))

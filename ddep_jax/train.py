@@ -192,6 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.initialize_distributed(config)
   check_config(config)
   mesh = sharding.make_mesh(config)
+  sharding.check_batch_sizes(config, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
   _save_config(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
