@@ -130,9 +130,9 @@ def check_batch_sizes(config: ml_collections.ConfigDict, device_count: int,
     note = (' A larger train batch changes the optimisation (the paper\'s schedule); or run on a '
             'slice whose device count divides it.' if problems[0][0] == 'config.input.batch_size'
             else ' The eval batch size does not change the results.')
+    processes = f'{process_count} process' + ('es' if process_count != 1 else '')
     raise ValueError(f'{found}: every global batch must be a multiple of the {device_count} '
-                     f'devices of {where} ({process_count} process{"es" * (process_count != 1)}). Pass '
-                     f'{overrides}.{note}')
+                     f'devices of {where} ({processes}). Pass {overrides}.{note}')
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
