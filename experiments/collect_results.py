@@ -447,7 +447,8 @@ def _define_flags() -> None:
   """Defines the flags; only when run as a program, so the module imports as a library."""
   flags.DEFINE_list('workdirs', None, 'Comma-separated globs of work directories (local or '
                     'gs://), e.g. "/tmp/sweeps/cityscapes/*".')
-  flags.DEFINE_string('out', None, 'Directory (local or gs://) for <name>.md, <name>.csv and <name>.png.')
+  flags.DEFINE_string('out', None, 'Directory (local or gs://) for <name>.md, <name>.csv and '
+                      '<name>.png.')
   flags.DEFINE_string('name', 'results', 'Base name of the output files.')
   flags.DEFINE_list('row_key', ['init'], 'Key(s) of the rows, e.g. init,decoder_width.')
   flags.DEFINE_string('col_key', 'label_fraction', 'Key of the columns, e.g. label_count.')
