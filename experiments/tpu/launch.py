@@ -6,29 +6,35 @@ r"""Runs a config, or a whole sweep, on a Cloud TPU VM pod slice with `gcloud`.
       --workdir_root=gs://my-bucket/cityscapes \
       --tfds_data_dir=gs://my-bucket/tensorflow_datasets [--dry_run]
 
-`--action=launch` (the default):
+`--action=launch` (the default) first checks, locally, that every run's global train and eval
+batch splits over the slice's devices (`slice_shape`: v4-32, v5litepod-16 and v5p-32 are 16
+devices on 4 hosts) and refuses with the `--set=config...` overrides that fit. Then one bash
+script (`set -euo pipefail`; `--dry_run` prints it, otherwise bash runs it):
 
-1. reuses the TPU VM if `gcloud compute tpus tpu-vm describe` finds it (it must be READY), else
-   creates it (`tpu-vm create`: accelerator type, runtime version, `--spot` / `--preemptible`);
-2. installs the code on every worker: copies this working tree (a tarball, `tpu-vm scp
-   --worker=all`) or clones `--source=<git URL>` at `--git_ref`, then `pip install -e '.[tpu]'`
-   into `<remote_dir>/.venv` (Python 3.11 from apt when the venv is missing);
-3. starts the same command on every worker (`tpu-vm ssh --worker=all`), detached with
-   `setsid nohup`, logging to `~/ddep_logs/<job>.log` on each worker: with `--workdir_root`,
-   `python -m experiments.sweep` over the config's sweep (finished runs are skipped, interrupted
-   ones resume, so launching again after a preemption continues the sweep); with `--workdir`, one
-   `python -m ddep_jax.main` run. Both pass `--config.distributed.initialize=True`, the trainer's
-   multi-host initialisation. Work directories (and the TFDS data dir) must be on GCS, which every
-   worker can reach.
+1. creates the slice when `describe` does not find it: `tpu-vm create`, or with `--queued` a
+   queued resource (`queued-resources create`, the recommended way to wait for Spot capacity),
+   with the runtime version of the accelerator's generation (`RUNTIME_VERSIONS`); a PREEMPTED /
+   TERMINATED / SUSPENDED slice is refused, or with `--resume` deleted and recreated; then waits
+   until the TPU VM is READY (`--ready_timeout_s`);
+2. refuses to go on if the job still runs on a worker, before touching any worker;
+3. installs the code on every worker: copies this working tree (a tarball, `tpu-vm scp
+   --worker=all`) or clones `--source=<git URL>` at `--git_ref`, then upgrades pip and runs
+   `pip install -e '.[tpu]'` in `<remote_dir>/.venv` (Python 3.11 from apt, non-interactive,
+   waiting for the dpkg lock, when the venv is missing);
+4. starts the same command on every worker (`tpu-vm ssh --worker=all`), detached with
+   `setsid nohup`: with `--workdir_root`, `python -m experiments.sweep` over the config's sweep
+   (finished runs are skipped, interrupted ones resume, so `--resume` after a preemption
+   continues the sweep; only worker 0 writes run.json); with `--workdir`, one
+   `python -m ddep_jax.main` run. Both pass `--config.distributed.initialize=True`. Each launch
+   appends an `== attempt` section to `~/ddep_logs/<job>.log` on each worker, which is copied to
+   `<workdir(_root)>/logs/<job>/worker-<i>.log` every `--log_copy_s` seconds and at the end.
+   Work directories (and the TFDS data dir) must be on GCS, which every worker can reach.
 
 `--action=logs` tails every worker's log, `--action=stop` ends the job on every worker,
-`--action=delete` deletes the TPU VM.
-
-`--dry_run` prints the exact commands as a shell script, without running anything; for a sweep it
-also lists, as comments, the trainer command of each run that every worker will start in turn.
-Without it the same commands run through `subprocess`.
+`--action=delete` deletes the TPU VM (the queued resource with `--queued`).
 """
 
+import ast
 import contextlib
 import dataclasses
 import os
@@ -43,6 +49,7 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from ddep_jax import sharding
 from experiments import sweep as sweep_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,8 +58,18 @@ REMOTE_PYTHON = '.venv/bin/python'  # Relative to --remote_dir, where commands r
 # Never shipped to the workers: local environments, caches and outputs.
 EXCLUDES = ('.git', '.venv', 'workdirs', '__pycache__', '*.egg-info')
 INITIALIZE = 'config.distributed.initialize=True'
+_WORKER_NUMBER_URL = ('http://metadata.google.internal/computeMetadata/v1/instance/attributes/'
+                      'agent-worker-number')
 _SAFE_RE = re.compile(r'^[A-Za-z0-9._-]+$')
 _SAFE_PATH_RE = re.compile(r'^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$')
+_ACCELERATOR_RE = re.compile(r'^(v2|v3|v4|v5p|v5litepod|v5e|v6e)-(\d+)$')
+# TPU VM software version of each generation (cloud.google.com/tpu/docs/runtimes).
+RUNTIME_VERSIONS = {'v2': 'tpu-ubuntu2204-base', 'v3': 'tpu-ubuntu2204-base',
+                    'v4': 'tpu-ubuntu2204-base', 'v5p': 'v2-alpha-tpuv5',
+                    'v5litepod': 'v2-alpha-tpuv5-lite', 'v5e': 'v2-alpha-tpuv5-lite',
+                    'v6e': 'v2-alpha-tpuv6e'}
+# A TPU VM in one of these states never becomes READY again: delete and recreate it (--resume).
+_DEAD_STATES = ('PREEMPTED', 'TERMINATED', 'FAILED', 'SUSPENDED')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +79,11 @@ class Options:
   zone: str
   project: str | None = None
   accelerator_type: str | None = None
-  runtime_version: str = 'tpu-ubuntu2204-base'
+  runtime_version: str | None = None  # None: derived from accelerator_type.
+  queued: bool = False
+  resume: bool = False
+  ready_timeout_s: int = 3600
+  poll_s: int = 30
   spot: bool = False
   preemptible: bool = False
   config: str | None = None
@@ -81,19 +102,47 @@ class Options:
   install: bool = True
   job_name: str | None = None
   log_lines: int = 100
+  log_copy_s: int = 300
   validate: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-  """A step: `argv`, or when `argv` fails (the TPU VM does not exist), `fallback`."""
+  """One step of the install, logs, stop or delete actions."""
   comment: str
   argv: tuple[str, ...]
-  fallback: tuple[str, ...] | None = None
 
   def shell(self) -> str:
-    line = shlex.join(self.argv)
-    return line if self.fallback is None else f'{line} || {shlex.join(self.fallback)}'
+    return shlex.join(self.argv)
+
+
+# -- accelerators ---------------------------------------------------------------------------------
+
+def _parse_accelerator(accelerator_type: str) -> tuple[str, int]:
+  match = _ACCELERATOR_RE.match(accelerator_type or '')
+  if not match:
+    raise ValueError(f'--accelerator_type={accelerator_type!r}: expected <generation>-<size> with '
+                     f'a generation among {sorted(RUNTIME_VERSIONS)}, e.g. v4-32, v5litepod-16, '
+                     'v5p-32, v6e-16.')
+  return match.group(1), int(match.group(2))
+
+
+def runtime_version(accelerator_type: str) -> str:
+  """The TPU VM base image of the accelerator's generation."""
+  return RUNTIME_VERSIONS[_parse_accelerator(accelerator_type)[0]]
+
+
+def slice_shape(accelerator_type: str) -> tuple[int, int]:
+  """(JAX devices, hosts) of a slice: v4-32 and v5p-32 are 16 chips on 4 hosts (the size counts
+  TensorCores, two per chip, one JAX device per chip); v5litepod-16 / v6e-16 are 16 chips on 4
+  hosts (the size counts chips; up to 8 chips fit one host); v2 / v3 show each of a host's 8
+  cores as a device."""
+  generation, size = _parse_accelerator(accelerator_type)
+  if generation in ('v4', 'v5p'):
+    return max(size // 2, 1), max(size // 8, 1)
+  if generation in ('v2', 'v3'):
+    return size, max(size // 8, 1)
+  return size, 1 if size <= 8 else size // 4
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -152,10 +201,13 @@ def install_commands(opts: Options) -> list[Command]:
   python = opts.remote_python
   create_venv = f'{python} -m venv .venv'
   if opts.apt_install:
-    create_venv = (f'{{ sudo apt-get update -qq && sudo apt-get install -y -qq {python} '
-                   f'{python}-venv && {create_venv}; }}')
+    # A fresh TPU VM runs unattended-upgrades at boot: wait for the dpkg lock, never prompt.
+    apt = 'sudo DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600'
+    create_venv = (f'{{ {apt} update -qq && {apt} install -y -qq {python} {python}-venv && '
+                   f'{create_venv}; }}')
   venv = f'test -x {REMOTE_PYTHON} || {create_venv}'
-  setup = f'({venv}) && .venv/bin/pip install -q -e ".[tpu]"'
+  setup = (f'({venv}) && .venv/bin/pip install -q --upgrade pip && '
+           f'.venv/bin/pip install -q -e ".[tpu]"')
   if opts.source != 'copy':
     fetch = (f'(test -d {opts.remote_dir}/.git || git clone -q {shlex.quote(opts.source)} '
              f'{opts.remote_dir}) && cd {opts.remote_dir} && git fetch -q origin '
@@ -190,21 +242,48 @@ def remote_command(opts: Options) -> list[str]:
                                  python=REMOTE_PYTHON)
 
 
+def log_destination(opts: Options) -> str:
+  """gs:// folder the workers copy their logs to (a preempted Spot VM loses its disk)."""
+  return f'{(opts.workdir_root or opts.workdir).rstrip("/")}/logs/{job_name(opts)}'
+
+
+def _running_check(opts: Options) -> str:
+  job = job_name(opts)
+  pid = _home(LOG_DIR, f'{job}.pid')
+  return (f'if kill -0 "$(cat {pid} 2>/dev/null)" 2>/dev/null; then '
+          f'echo "{job} is already running on $(hostname); stop it first (--action=stop)" >&2; '
+          f'exit 1; fi')
+
+
 def start_script(opts: Options) -> str:
-  """Starts `remote_command` detached (own process group), unless the job already runs."""
+  """Starts `remote_command` detached (own process group), unless the job already runs.
+
+  The log on each worker grows by one `== attempt` section per launch, and is copied to
+  `log_destination` every `log_copy_s` seconds and when the job ends.
+  """
   job = job_name(opts)
   log, pid = _home(LOG_DIR, f'{job}.log'), _home(LOG_DIR, f'{job}.pid')
   env = f'TFDS_DATA_DIR={shlex.quote(opts.tfds_data_dir)} ' if opts.tfds_data_dir else ''
-  return (f'mkdir -p {_home(LOG_DIR)} && cd {opts.remote_dir} && '
-          f'if kill -0 "$(cat {pid} 2>/dev/null)" 2>/dev/null; then '
-          f'echo "{job} is already running on $(hostname); stop it first (--action=stop)" >&2; '
-          f'exit 1; fi && '
-          f'{{ {env}setsid nohup {shlex.join(remote_command(opts))} > {log} 2>&1 < /dev/null & '
-          f'echo $! > {pid}; }}')
+  copy = (f'gcloud storage cp {log} '
+          f'{shlex.quote(log_destination(opts))}/worker-"$DDEP_PROCESS_INDEX".log')
+  runner = (f'{shlex.join(remote_command(opts))} >> {log} 2>&1 & job=$!; '
+            # Copies every log_copy_s seconds, but notices the end of the job within a second.
+            f'while kill -0 $job 2>/dev/null; do {copy} > /dev/null 2>&1 || true; i=0; '
+            f'while [ $i -lt {int(opts.log_copy_s)} ] && kill -0 $job 2>/dev/null; do sleep 1; '
+            f'i=$((i + 1)); done; done; wait $job; rc=$?; '
+            f'echo "== exit status $rc at $(date -u +%FT%TZ)" >> {log}; '
+            f'{copy} > /dev/null 2>&1 || true; exit $rc')
+  # The worker number (process index) from the TPU VM metadata; only worker 0 writes run.json.
+  worker = ('${DDEP_WORKER_ID:-$(curl -sf -H Metadata-Flavor:Google '
+            f'{_WORKER_NUMBER_URL})}}')
+  return (f'mkdir -p {_home(LOG_DIR)} && cd {opts.remote_dir} && {_running_check(opts)} && '
+          f'worker={worker} && '
+          f'echo "== attempt at $(date -u +%FT%TZ) on $(hostname), worker $worker" >> {log} && '
+          f'{{ DDEP_PROCESS_INDEX=$worker {env}setsid nohup bash -c {shlex.quote(runner)} '
+          f'> /dev/null 2>&1 < /dev/null & echo $! > {pid}; }}')
 
 
-def launch_commands(opts: Options) -> list[Command]:
-  """Create-or-reuse, install, start."""
+def _check_launch(opts: Options) -> None:
   _check(opts)
   if not opts.config:
     raise ValueError('--config is required to launch, e.g. --config=configs/cityscapes.py:arg.')
@@ -222,18 +301,128 @@ def launch_commands(opts: Options) -> list[Command]:
   if not opts.accelerator_type:
     raise ValueError('--accelerator_type is needed to create the TPU VM when it does not exist '
                      '(e.g. v4-32, v5litepod-16); pass the type of the existing one otherwise.')
-  create = _gcloud('create', opts) + [f'--accelerator-type={opts.accelerator_type}',
-                                      f'--version={opts.runtime_version}']
-  create += ['--spot'] if opts.spot else ['--preemptible'] if opts.preemptible else []
-  commands = [Command(f'Reuse TPU VM {opts.tpu_name} if it exists, else create it.',
-                      tuple(_gcloud('describe', opts) + ['--format=value(state)']),
-                      fallback=tuple(create))]
+  _parse_accelerator(opts.accelerator_type)
+  if opts.queued and opts.preemptible:
+    raise ValueError('Queued resources take --spot, not --preemptible.')
+
+
+def _create(opts: Options) -> list[str]:
+  version = opts.runtime_version or runtime_version(opts.accelerator_type)
+  project = [f'--project={opts.project}'] if opts.project else []
+  if opts.queued:
+    argv = (['gcloud', 'compute', 'tpus', 'queued-resources', 'create', opts.tpu_name,
+             f'--node-id={opts.tpu_name}', f'--zone={opts.zone}'] + project +
+            [f'--accelerator-type={opts.accelerator_type}', f'--runtime-version={version}'])
+  else:
+    argv = _gcloud('create', opts) + [f'--accelerator-type={opts.accelerator_type}',
+                                      f'--version={version}']
+  return argv + (['--spot'] if opts.spot else ['--preemptible'] if opts.preemptible else [])
+
+
+def _delete(opts: Options) -> list[str]:
+  if opts.queued:  # --force deletes the TPU VM of the request as well.
+    return (['gcloud', 'compute', 'tpus', 'queued-resources', 'delete', opts.tpu_name,
+             f'--zone={opts.zone}'] + ([f'--project={opts.project}'] if opts.project else []) +
+            ['--force', '--quiet'])
+  return _gcloud('delete', opts) + ['--quiet']
+
+
+def _vm_script(opts: Options) -> list[str]:
+  """Shell lines: create the TPU VM if missing (or dead, with --resume), then wait until READY."""
+  name = opts.tpu_name
+  describe = shlex.join(_gcloud('describe', opts) + ['--format=value(state)'])
+  lines = [f'tpu_state() {{ {describe} 2>/dev/null || true; }}']
+  if opts.queued:
+    queued = shlex.join(['gcloud', 'compute', 'tpus', 'queued-resources', 'describe', name,
+                         f'--zone={opts.zone}'] +
+                        ([f'--project={opts.project}'] if opts.project else []) +
+                        ['--format=value(state.state)'])
+    lines += [f'state=$({queued} 2>/dev/null || true)']
+  else:
+    lines += ['state=$(tpu_state)']
+  dead = '|'.join(_DEAD_STATES)
+  if opts.resume:
+    on_dead = (f'echo "# {name} is $state: deleting and recreating it (--resume)."; '
+               f'{shlex.join(_delete(opts))}; {shlex.join(_create(opts))}')
+  else:
+    on_dead = (f'echo "{name} is $state and will not become READY. Launch again with --resume '
+               f'to delete and recreate it (finished runs are skipped, interrupted ones '
+               f'resume)." >&2; exit 1')
+  max_polls = max(1, int(opts.ready_timeout_s) // max(1, int(opts.poll_s)))
+  lines += [
+      'case "$state" in',
+      f'  "") echo "# {name} not found: creating it."; {shlex.join(_create(opts))} ;;',
+      f'  {dead}) {on_dead} ;;',
+      f'  *) echo "# {name} exists ($state): reusing it." ;;',
+      'esac',
+      '# Wait until the TPU VM is READY (a queued request may wait for capacity).',
+      'polls=0',
+      'while state=$(tpu_state); [ "$state" != READY ]; do',
+      f'  case "$state" in {dead}) echo "{name} became $state while starting; launch again with '
+      f'--resume." >&2; exit 1 ;; esac',
+      f'  polls=$((polls + 1)); if [ "$polls" -gt {max_polls} ]; then echo "{name} is not READY '
+      f'after {int(opts.ready_timeout_s)} s (state: ${{state:-none}})." >&2; exit 1; fi',
+      f'  echo "# Waiting for {name} (state: ${{state:-not created yet}})."; '
+      f'sleep {int(opts.poll_s)}',
+      'done',
+  ]
+  return lines
+
+
+def launch_script(opts: Options) -> str:
+  """The whole launch as one bash script: what `--dry_run` prints and what the launcher runs."""
+  _check_launch(opts)
+  job = job_name(opts)
+  lines = ['#!/bin/bash', 'set -euo pipefail', f'# Make sure TPU VM {opts.tpu_name} '
+           f'({opts.accelerator_type}) exists and is READY.']
+  lines += _vm_script(opts)
+  lines += [f'# Refuse to start {job} a second time before touching the workers.',
+            shlex.join(_ssh(opts, _running_check(opts)))]
   if opts.install:
-    commands += install_commands(opts)
-  commands.append(Command(f'Start job {job_name(opts)} on every worker; logs in '
-                          f'~/{LOG_DIR}/{job_name(opts)}.log on each.',
-                          _ssh(opts, start_script(opts))))
-  return commands
+    for command in install_commands(opts):
+      lines += [f'# {command.comment}', command.shell()]
+  lines += [f'# Start job {job} on every worker; logs in ~/{LOG_DIR}/{job}.log on each, copied '
+            f'to {log_destination(opts)}/.', shlex.join(_ssh(opts, start_script(opts)))]
+  return '\n'.join(lines) + '\n'
+
+
+def check_slice(opts: Options) -> None:
+  """Refuses a run whose train or eval batch the requested slice cannot split (before launching).
+
+  Raises:
+    ValueError: naming the run and the `--set=config...` overrides to add.
+  """
+  devices, hosts = slice_shape(opts.accelerator_type)
+  with contextlib.chdir(opts.local_dir):  # --config is relative to the repository root.
+    if opts.workdir_root:
+      runs = sweep_lib.select(sweep_lib.load_sweep(opts.config, opts.workdir_root), opts.only)
+    else:
+      config_file, config_arg = sweep_lib.parse_config_spec(opts.config)
+      runs = [sweep_lib.Run(name=job_name(opts), workdir=opts.workdir, config_file=config_file,
+                            config_arg=config_arg, overrides={}, tags={})]
+    modules = {}
+    for run in runs:
+      if run.config_file not in modules:
+        modules[run.config_file] = sweep_lib.load_config_module(run.config_file)
+      config = modules[run.config_file].get_config(run.config_arg)
+      settings = list(run.overrides.items())
+      for setting in opts.overrides:
+        key, _, value = setting.partition('=')
+        try:
+          settings.append((key, ast.literal_eval(value)))
+        except (ValueError, SyntaxError):
+          settings.append((key, value))
+      for key, value in settings:
+        node, field = sweep_lib._resolve(config, key, run)  # pylint: disable=protected-access
+        node[field] = value
+      if 'input' not in config or 'batch_size' not in config.input:
+        continue  # Not a trainer config (e.g. a test stand-in): nothing to check.
+      try:
+        sharding.check_batch_sizes(config, devices, hosts, where=opts.accelerator_type)
+      except ValueError as e:
+        fix = ' '.join(f'--set={m}' for m in re.findall(r'--(config\.[\w.]+=\d+)', str(e)))
+        raise ValueError(f'Run {run.name!r} cannot run on {opts.accelerator_type}: {e} '
+                         f'Launch with {fix} (or choose another slice).') from e
 
 
 def logs_commands(opts: Options) -> list[Command]:
@@ -252,7 +441,7 @@ def stop_commands(opts: Options) -> list[Command]:
 
 
 def delete_commands(opts: Options) -> list[Command]:
-  return [Command(f'Delete TPU VM {opts.tpu_name}.', tuple(_gcloud('delete', opts) + ['--quiet']))]
+  return [Command(f'Delete TPU VM {opts.tpu_name}.', tuple(_delete(opts)))]
 
 
 def sweep_listing(opts: Options) -> list[str]:
@@ -287,36 +476,31 @@ def _require(program: str) -> None:
 
 
 def execute(commands: Sequence[Command], out=None) -> None:
-  """Runs the commands in order; a `fallback` runs when its `argv` fails.
+  """Runs the commands in order.
 
   Raises:
-    RuntimeError: a command failed, or the TPU VM exists but is not READY.
+    RuntimeError: a command failed.
   """
   out = out or sys.stdout
   for command in commands:
     _require(command.argv[0])
     print(f'# {command.comment}\n{shlex.join(command.argv)}', file=out, flush=True)
-    if command.fallback is None:
-      returncode = subprocess.run(command.argv, check=False).returncode
-      if returncode:
-        raise RuntimeError(f'Command failed with status {returncode}: {shlex.join(command.argv)}')
-      continue
-    described = subprocess.run(command.argv, check=False, capture_output=True, text=True)
-    if described.returncode == 0:
-      state = described.stdout.strip()
-      if state != 'READY':
-        delete = shlex.join(command.argv[:4] + ('delete',) + command.argv[5:-1])
-        raise RuntimeError(f'TPU VM exists but is {state or "in an unknown state"}, not READY. '
-                           f'Wait while it is CREATING; delete a PREEMPTED or TERMINATED one '
-                           f'({delete}) and launch again.')
-      print('# It exists and is READY: reusing it.', file=out, flush=True)
-      continue
-    print(f'# Not found ({described.stderr.strip().splitlines()[-1:]}); creating it.\n'
-          f'{shlex.join(command.fallback)}', file=out, flush=True)
-    returncode = subprocess.run(command.fallback, check=False).returncode
+    returncode = subprocess.run(command.argv, check=False).returncode
     if returncode:
-      raise RuntimeError(f'Creating the TPU VM failed with status {returncode}: '
-                         f'{shlex.join(command.fallback)}')
+      raise RuntimeError(f'Command failed with status {returncode}: {shlex.join(command.argv)}')
+
+
+def run_script(script: str) -> None:
+  """Runs a `launch_script` with bash; it stops at the first failing command (`set -e`).
+
+  Raises:
+    RuntimeError: the script failed; its own message is on stderr above.
+  """
+  _require('gcloud')
+  returncode = subprocess.run(['bash', '-c', script], check=False).returncode
+  if returncode:
+    raise RuntimeError(f'The launch stopped with status {returncode} (see the messages above; '
+                       '--dry_run prints the script).')
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -330,9 +514,20 @@ def _define_flags() -> None:
   flags.DEFINE_string('zone', None, 'Zone, e.g. us-central2-b.')
   flags.DEFINE_string('project', None, 'GCP project (default: gcloud\'s core/project).')
   flags.DEFINE_string('accelerator_type', None, 'Accelerator type, e.g. v4-32, v5litepod-16.')
-  flags.DEFINE_string('runtime_version', Options.runtime_version, 'TPU software version: '
-                      'tpu-ubuntu2204-base (v4 and older), v2-alpha-tpuv5-lite (v5e), '
-                      'v2-alpha-tpuv5 (v5p), v2-alpha-tpuv6e (v6e).')
+  flags.DEFINE_string('runtime_version', None, 'TPU software version; default: the one of the '
+                      'accelerator\'s generation: tpu-ubuntu2204-base (v2, v3, v4), '
+                      'v2-alpha-tpuv5-lite (v5e), v2-alpha-tpuv5 (v5p), v2-alpha-tpuv6e (v6e).')
+  flags.DEFINE_bool('queued', False, 'Request the slice as a queued resource (`gcloud compute '
+                    'tpus queued-resources create`, the recommended way to get Spot capacity) '
+                    'instead of `tpu-vm create`.')
+  flags.DEFINE_bool('resume', False, 'Relaunch after a preemption: delete and recreate a '
+                    'PREEMPTED / TERMINATED / SUSPENDED slice, reinstall and restart; the sweep '
+                    'skips finished runs and interrupted ones resume from their checkpoints.')
+  flags.DEFINE_integer('ready_timeout_s', Options.ready_timeout_s, 'How long to wait for the TPU '
+                       'VM to be READY.')
+  flags.DEFINE_integer('poll_s', Options.poll_s, 'Seconds between state checks while waiting.')
+  flags.DEFINE_integer('log_copy_s', Options.log_copy_s, 'Seconds between copies of each '
+                       'worker\'s log to <workdir(_root)>/logs/<job>/ on GCS.')
   flags.DEFINE_bool('spot', False, 'Create a Spot TPU VM.')
   flags.DEFINE_bool('preemptible', False, 'Create a preemptible TPU VM.')
   flags.DEFINE_string('config', None, 'Config file (relative to the repo) and argument, e.g. '
@@ -364,6 +559,8 @@ def options_from_flags() -> Options:
   return Options(
       tpu_name=FLAGS.tpu_name, zone=FLAGS.zone, project=FLAGS.project,
       accelerator_type=FLAGS.accelerator_type, runtime_version=FLAGS.runtime_version,
+      queued=FLAGS.queued, resume=FLAGS.resume, ready_timeout_s=FLAGS.ready_timeout_s,
+      poll_s=FLAGS.poll_s, log_copy_s=FLAGS.log_copy_s,
       spot=FLAGS.spot, preemptible=FLAGS.preemptible, config=FLAGS.config,
       workdir=FLAGS.workdir, workdir_root=FLAGS.workdir_root, only=tuple(FLAGS.only),
       overrides=tuple(FLAGS.set), tfds_data_dir=FLAGS.tfds_data_dir, source=FLAGS.source,
@@ -379,18 +576,25 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   opts = options_from_flags()
   action = FLAGS.action
-  commands = {'launch': launch_commands, 'logs': logs_commands, 'stop': stop_commands,
-              'delete': delete_commands}[action](opts)
-  listing = sweep_listing(opts) if action == 'launch' else []
-  if FLAGS.dry_run:
-    print('\n'.join(listing + [format_commands(commands)]))
-    return
-  if listing:
-    print('\n'.join(listing))
-  execute(commands)
   if action == 'launch':
-    follow = logs_commands(opts)[0]
-    print(f'# Started. Follow the logs with\n{follow.shell()}')
+    script = launch_script(opts)
+    listing = sweep_listing(opts)
+    if opts.validate:
+      try:
+        check_slice(opts)
+      except ValueError as e:
+        sys.exit(f'ERROR: {e}')  # Before anything is created or started.
+    print('\n'.join(listing + ([script] if FLAGS.dry_run else [])), flush=True)
+    if FLAGS.dry_run:
+      return
+    run_script(script)
+    print(f'# Started. Follow the logs with\n{logs_commands(opts)[0].shell()}')
+    return
+  commands = {'logs': logs_commands, 'stop': stop_commands, 'delete': delete_commands}[action](opts)
+  if FLAGS.dry_run:
+    print(format_commands(commands))
+    return
+  execute(commands)
 
 
 if __name__ == '__main__':
