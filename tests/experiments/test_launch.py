@@ -50,7 +50,7 @@ FAKE_GCLOUD = textwrap.dedent("""\
       mapfile -t states < "$FAKE_TPU_STATES"
       state="${states[0]:-}"
       if [ ${#states[@]} -gt 1 ]; then printf '%s\\n' "${states[@]:1}" > "$FAKE_TPU_STATES"; fi
-      if [ -z "$state" ]; then echo 'ERROR: (gcloud.compute.tpus.describe) NOT_FOUND' >&2; exit 1; fi
+      if [ -z "$state" ]; then echo "ERROR: NOT_FOUND" >&2; exit 1; fi
       echo "$state"; exit 0 ;;
     esac
     if [ "$1 $2" = 'storage cp' ]; then
