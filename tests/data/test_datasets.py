@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 
 from ddep_jax.data import datasets
+from ddep_jax.data.builders import ade20k
+from ddep_jax.data.builders import digit_scenes
+from ddep_jax.data.builders import pascal_context
+from ddep_jax.data.builders import voc2012
 
 CITYSCAPES_PAIRS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                     24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
@@ -90,7 +94,6 @@ def test_dataset_info_of_a_prepared_dataset(scenes):
 
 def _builder_value_names(tmp_path) -> dict[str, dict[int, str]]:
   """{registry name: {stored mask value / class label: name}} as each project builder defines."""
-  from ddep_jax.data.builders import ade20k, digit_scenes, pascal_context, voc2012  # pylint: disable=g-import-not-at-top
   digit_names = digit_scenes.DigitScenes(
       config='classification', data_dir=str(tmp_path)).info.features['label'].names
   return {
