@@ -29,10 +29,10 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
+from ddep_jax import fileio
 from ddep_jax import inference
 from ddep_jax import metrics
 from ddep_jax import objectives
-from ddep_jax import fileio
 from ddep_jax import sharding
 from ddep_jax.data import input_pipeline
 
