@@ -6,9 +6,10 @@ train images, or a labelled subset, and reports mIoU over the 150 classes on the
 Paper protocol (§5.1): Adam, cosine decay, lr and weight decay swept in [1e-5, 3e-4]; random
 512x512 crops and left-right flips; evaluation with scales (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 and flips. The paper does not give the schedule or the evaluation resolution: we follow
-MMSegmentation's ADE20K setup (160k iterations, batch 16, random rescale 0.5-2.0, transformer
-warm-up of 1500 steps; images resized to a short side of 512 for evaluation, with 512x512
-sliding windows at stride 341). The metric is computed at that resolution. Label amounts: 100 %
+MMSegmentation's ADE20K setup (160k iterations, batch 16, random rescale 0.5-2.0 of the
+keep-ratio scale (2048, 512), transformer warm-up of 1500 steps; images resized to a short side
+of 512 for evaluation, with 512x512 sliding windows at stride 341), so objects are trained at the
+scale they are evaluated at. The metric is computed at that resolution. Label amounts: 100 %
 (20210, 10 runs), 20 % (4042, 5), 10 % (2021, 10), 5 % (1010, 10), 1 % (202, 10).
 
 Arguments (`:k=v,...`):
@@ -57,7 +58,8 @@ pretrain_root=$PRETRAIN,npz=$CKPT/R50+ViT-B_16.npz --workdir_root=$WORK/ade20k/f
     ImageNet-21k                     49.37    37.14    29.74
 
   sweep=fig5_noise_std (pretraining sweep `noise_std`): 6 rows x 10 x 16 = 960 (Fig. 5 left,
-  1 % labels, averaged with pascal_context.py's same sweep: best sigma 0.22).
+  1 % labels, averaged with pascal_context.py's same sweep: best sigma 0.22; our images are in
+  [-1, 1], and the sigmas include 0.44, the paper's 0.22 if its images were in [0, 1]).
   python -m experiments.sweep --config=configs/ade20k.py:sweep=fig5_noise_std,\
 pretrain_root=$PRETRAIN --workdir_root=$WORK/ade20k/fig5_noise_std
 

@@ -7,8 +7,12 @@ DeP (`dep=True`): the whole model, randomly initialised, trained the same way.
 
 Paper settings (§5.1): batch 512, 100 epochs, 224x224 (inception crops and flips), Adam, cosine
 decay; lr 6e-5 for the 1x and 3x decoders, 1e-4 for the 2x; scaled noise with sigma = 0.22
-(Fig. 5); predicting the noise (Table 1). DeP as in Table 2: all Cityscapes images (we take
-train + test and keep validation for evaluation), 6000 epochs. The paper gives no warm-up,
+(Fig. 5); predicting the noise (Table 1). Images are in [-1, 1] (what the ImageNet-21k encoder
+expects), so sigma = 0.22 is applied to [-1, 1] images. The paper never states its range; its
+Fig. 4 clips noisy images to [0, 1], where the same noise would read sigma = 0.11 (and the paper's
+0.22, if meant on [0, 1] images, is our 0.44): the `noise_std` sweep holds 0.11, 0.22 and 0.44.
+DeP as in Table 2: sigma 0.8 (the default with dep=True), all Cityscapes images (we take train +
+test and keep validation for evaluation), 6000 epochs. The paper gives no warm-up,
 weight decay or DeP learning rate: we use 1000 warm-up steps, no decay, and the DDeP rate.
 
 Single run (the 1x DDeP decoder of Fig. 6 / Table 6 / Fig. 7):
@@ -66,7 +70,8 @@ Arguments (`:k=v,...`; tuples as `a+b`):
   dep=False                True: DeP, the whole model from scratch (default dataset cityscapes).
   dataset=                 registry name; default imagenet21k_fall11 (DDeP) / cityscapes (DeP).
   noise_type=scaled        scaled (Eq. 5/6) or simple (Eq. 1).
-  noise_std=0.22           sigma; or instead gamma=0.95, or gamma_range=0.9+0.95 (Table 4).
+  noise_std=0.22           sigma on [-1, 1] images (dep=True: 0.8, Table 2); or instead
+                           gamma=0.95, or gamma_range=0.9+0.95 (Table 4).
   predict_target=noise     noise (Eq. 3/6) or image (Eq. 2).
   noise_conditioning=False condition the decoder on gamma (§4.4).
   model=transunet          or r50_unet (Table 7), whose encoder comes from encoder_ckpt.
@@ -95,9 +100,11 @@ DEP_NOISE_STD = 0.8  # Table 2.
 DDEP_EPOCHS = 100.0  # §5.1.
 DEP_EPOCHS = 6000.0  # Table 2.
 WARMUP_STEPS = 1000
-# Fig. 5 (left) does not list its sigmas; this grid brackets the optimum 0.22 and reaches the
-# sigma = 0.8 of Table 2.
-NOISE_STD_GRID = (0.1, 0.15, 0.22, 0.3, 0.5, 0.8)
+# Fig. 5 (left) does not list its sigmas. Ours apply to [-1, 1] images: the paper's optimum 0.22
+# is 0.22 here if its images were in [-1, 1], 0.44 if in [0, 1] (half the range doubles the
+# relative noise); 0.11 is how our 0.22 reads on Fig. 4's [0, 1] display. The grid holds all
+# three, brackets 0.22 and 0.44, and reaches the sigma = 0.8 of Table 2.
+NOISE_STD_GRID = (0.11, 0.15, 0.22, 0.3, 0.44, 0.8)
 # Table 3: decoder pretraining on ImageNet-21k vs on images of (or close to) each target dataset.
 TABLE3_DATASETS = ('imagenet21k_fall11', 'voc2012_images', 'ade20k', 'cityscapes_fine_coarse')
 
@@ -188,7 +195,8 @@ def get_config(arg=None):
   denoising.noise_type = arg.noise_type
   denoising.predict_target = arg.predict_target
   by_gamma = arg.gamma is not None or arg.gamma_range is not None
-  denoising.noise_std = arg.noise_std if (arg.noise_std is not None or by_gamma) else NOISE_STD
+  default_std = DEP_NOISE_STD if arg.dep else NOISE_STD  # Table 2 (DeP) / Fig. 5 (DDeP).
+  denoising.noise_std = arg.noise_std if (arg.noise_std is not None or by_gamma) else default_std
   denoising.gamma = arg.gamma
   denoising.gamma_range = None if arg.gamma_range is None else tuple(arg.gamma_range)
   objectives.check_denoising_config(denoising)

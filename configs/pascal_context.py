@@ -9,9 +9,10 @@ Paper protocol (§5.1): Adam, cosine decay, lr and weight decay swept in [1e-5, 
 512x512 crops and left-right flips; evaluation with scales (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 and flips (Table 7: no multi-scale). The paper does not give the schedule or the inference
 windows: we follow MMSegmentation's Pascal Context schedule (80k iterations, batch 16, random
-rescale 0.5-2.0, transformer warm-up of 1500 steps) and its sliding windows (512x512, stride
-341) at the original image resolution. Label amounts: 100 % (4998, 10 runs), 20 % (1000, 5),
-10 % (500, 10), 5 % (250, 10), 1 % (50, 10); each run draws its own subset and model seed.
+rescale 0.5-2.0 of the stored image, which is the scale evaluated here, transformer warm-up of
+1500 steps) and its sliding windows (512x512, stride 341) at the original image resolution.
+Label amounts: 100 % (4998, 10 runs), 20 % (1000, 5), 10 % (500, 10), 5 % (250, 10), 1 % (50,
+10); each run draws its own subset and model seed.
 
 Arguments (`:k=v,...`):
   init=ddep            none | supervised | dep | ddep.
@@ -79,7 +80,8 @@ pretrain_root=$PRETRAIN --workdir_root=$WORK/pascal_context/table4
     DDeP gamma = 0.95                  59.97          53.36         49.84
 
   sweep=fig5_noise_std (pretraining sweep `noise_std`): 6 rows x 10 x 16 = 960. Fig. 5 (left)
-  plots mIoU at 1 % labels, averaged with ade20k.py's same sweep, against sigma: best at 0.22.
+  plots mIoU at 1 % labels, averaged with ade20k.py's same sweep, against sigma: best at 0.22
+  (on images in [-1, 1], as here; 0.44 here if the paper's images were in [0, 1]: both swept).
   python -m experiments.sweep --config=configs/pascal_context.py:sweep=fig5_noise_std,\
 pretrain_root=$PRETRAIN --workdir_root=$WORK/pascal_context/fig5_noise_std
 

@@ -67,6 +67,8 @@ LOCAL_BATCH_SIZE = 8
 LOCAL_CROP_SIZE = (32, 32)
 LOCAL_EVAL_EXAMPLES = 2
 
+# MMSegmentation's ADE20K scale (2048, 512): a short side of S = 512 with the long side at most 4S.
+REFERENCE_LONG_PER_SHORT = 4
 # Whole-image evaluation of 512x512-crop models (Pascal Context, ADE20K): the paper gives no
 # windows; these are MMSegmentation's slide inference for them (stride 2/3 of the window). The
 # runlocal twin keeps the geometry at 32 px.
@@ -163,6 +165,18 @@ class FinetuneSetup:
   local_scale_range: tuple | None = None
 
 
+def train_reference_size(eval_resize) -> tuple[int, int] | None:
+  """The `input.reference_size` of the train rescale that matches an eval `resize`.
+
+  An int S (short side S) gives MMSegmentation's keep-ratio scale (4S, S), e.g. (2048, 512), so
+  the 0.5-2.0 rescale is relative to the scale evaluation sees; None (original resolution) and
+  fixed (h, w) sizes leave it relative to the stored image.
+  """
+  if isinstance(eval_resize, int):
+    return (REFERENCE_LONG_PER_SHORT * eval_resize, eval_resize)
+  return None
+
+
 def finetune_arg(arg: str | None, setup: FinetuneSetup) -> ml_collections.ConfigDict:
   """Parses the argument of a fine-tuning config (see the dataset files for the meaning)."""
   arg = common.parse_arg(
@@ -194,11 +208,12 @@ def finetune_config(arg: ml_collections.ConfigDict, setup: FinetuneSetup
   data_dir = arg.data_dir or None
 
   # §5.1: random crops (the dataset's 1024 / 512 default) and left-right flips; the random
-  # rescale is MMSegmentation's ratio_range (0.5, 2.0).
+  # rescale is MMSegmentation's ratio_range (0.5, 2.0), relative to the evaluation's scale.
   config.input.dataset = setup.dataset
   config.input.split = 'train'
   config.input.batch_size = setup.batch_size
   config.input.scale_range = (0.5, 2.0)
+  config.input.reference_size = train_reference_size(setup.eval_resize)
   config.input.flip = True
   config.input.label_fraction = arg.label_fraction
   config.input.label_count = arg.label_count
@@ -228,6 +243,7 @@ def finetune_config(arg: ml_collections.ConfigDict, setup: FinetuneSetup
       config.input.scale_range = setup.local_scale_range
     val = config.evals.val
     val.resize = setup.local_eval_resize
+    config.input.reference_size = train_reference_size(setup.local_eval_resize)
     for key, value in setup.local_eval_protocol.items():
       val[key] = value
     # One scale: every scale traces the model again, and compiling is most of a CPU smoke run.

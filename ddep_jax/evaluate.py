@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 import numpy as np
@@ -142,9 +143,11 @@ class Evaluator:
     confusion = metrics.ConfusionMatrix(self.config.num_classes) if self.task == 'segment' else None
     sums: dict[str, float] = {}
     images = {}
+    invalid_pixels = 0
     for batch_index, local_batch in enumerate(dataset):
       if batch_index >= num_batches:
         break
+      invalid_pixels += invalid_label_pixels(local_batch)
       batch = sharding.global_batch(
           {k: local_batch[k] for k in ('image', 'label', 'valid', 'id_hash') if k in local_batch},
           self.mesh)
@@ -165,6 +168,12 @@ class Evaluator:
       if class_names is not None and len(class_names) != self.config.num_classes:
         class_names = None
       results.update(confusion.compute(class_names))
+      # Stored mask values outside the dataset's classes, evaluated as ignore (255).
+      results['num_invalid_label_pixels'] = sum_over_processes(invalid_pixels)
+      if results['num_invalid_label_pixels']:
+        logging.warning('Eval %s: %d label pixels held values outside the dataset\'s classes and '
+                        'were ignored; check the masks of %s.', self.name,
+                        results['num_invalid_label_pixels'], self.eval_config.dataset)
     else:
       count = max(sums.get('count', 0.0), 1.0)
       results['num_examples'] = int(sums.get('count', 0.0))
@@ -218,6 +227,49 @@ def write_results(workdir: str, name: str, results: Mapping, *, step: int, final
   return path
 
 
+def invalid_label_pixels(local_batch: Mapping) -> int:
+  """Pixels of this process's batch whose stored label was outside the dataset's classes.
+
+  They were mapped to ignore (255); padding examples (`valid == False`) never count.
+  """
+  if 'num_invalid_label_pixels' not in local_batch:
+    return 0
+  counts = np.asarray(local_batch['num_invalid_label_pixels'], np.int64)
+  if 'valid' in local_batch:
+    counts = np.where(np.asarray(local_batch['valid']), counts, 0)
+  return int(counts.sum())
+
+
+def sum_over_processes(value: int) -> int:
+  """An integer count summed over all processes (every process must call this)."""
+  if jax.process_count() == 1:
+    return int(value)
+  # Two 30-bit halves: exact for counts beyond int32 without enabling 64-bit JAX.
+  halves = np.array([int(value) >> 30, int(value) & (2**30 - 1)], np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(halves)).astype(np.int64)
+  return int(gathered[:, 0].sum() << 30) + int(gathered[:, 1].sum())
+
+
+def per_class_table(name: str, results: Mapping, *, step: int) -> str | None:
+  """The MMSegmentation-style per-class table of segmentation results, or None."""
+  if 'per_class_iou' not in results:
+    return None
+  header = (f'{name} ({results.get("dataset")}, {results.get("split")}) at step {step}: '
+            f'{results.get("num_invalid_label_pixels", 0)} invalid label pixels ignored.')
+  return header + '\n\n' + metrics.format_per_class_table(results) + '\n'
+
+
+def write_per_class_table(workdir: str, name: str, results: Mapping, *, step: int) -> str | None:
+  """Writes `<workdir>/results/<name>_per_class.md` (process 0 only); returns its path."""
+  table = per_class_table(name, results, step=step)
+  if table is None:
+    return None
+  path = fileio.join(workdir, 'results', f'{name}_per_class.md')
+  if jax.process_index() == 0:
+    fileio.write_text(path, table)
+  return path
+
+
 def summary_scalars(name: str, results: Mapping) -> dict:
   keys = ('mIoU', 'mAcc', 'aAcc', 'loss', 'psnr', 'psnr_input', 'top1')
   return {f'{name}/{k}': results[k] for k in keys if k in results}
@@ -240,8 +292,12 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str | None = None) -> 
     results, _ = evaluator.run(params)
     results['checkpoint_step'] = step
     write_results(workdir, evaluator.name, results, step=step, final=True)
+    write_per_class_table(workdir, evaluator.name, results, step=step)
     logging.info('%s at step %d: %s', evaluator.name, step,
                  summary_scalars(evaluator.name, results))
+    table = per_class_table(evaluator.name, results, step=step)
+    if table is not None and jax.process_index() == 0:
+      print(table, flush=True)
     all_results[evaluator.name] = results
   return all_results
 

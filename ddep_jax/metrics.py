@@ -80,14 +80,34 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def format_per_class_table(results: Mapping) -> str:
-  """An MMSegmentation-style per-class table (percentages) as Markdown."""
-  lines = ['| class | IoU | Acc |', '|---|---|---|']
-  for name, iou in results['per_class_iou'].items():
-    acc = results['per_class_acc'][name]
-    lines.append(f'| {name} | {100 * iou:.2f} | {100 * acc:.2f} |')
-  lines.append(f"| **mean** | **{100 * results['mIoU']:.2f}** | **{100 * results['mAcc']:.2f}** |")
-  lines.append(f"\naAcc: {100 * results['aAcc']:.2f}")
-  return '\n'.join(lines)
+  """MMSegmentation's per-class results (IoU and Acc per class, %) and summary (aAcc, mIoU, mAcc).
+
+  Aligned Markdown tables; a class that never occurs reads `nan`, as in MMSegmentation.
+  """
+  rows = [(name, _percent(iou), _percent(results['per_class_acc'][name]))
+          for name, iou in results['per_class_iou'].items()]
+  summary = [tuple(_percent(results[k]) for k in ('aAcc', 'mIoU', 'mAcc'))]
+  return (f"per class results:\n\n{_markdown_table(('Class', 'IoU', 'Acc'), rows)}\n\n"
+          f"Summary:\n\n{_markdown_table(('aAcc', 'mIoU', 'mAcc'), summary, names=False)}")
+
+
+def _percent(value: float) -> str:
+  return f'{100 * value:.2f}'
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], names: bool = True
+                    ) -> str:
+  """Columns padded to their widest cell; numbers right-aligned, a first column of names left."""
+  cells = [list(header)] + [list(r) for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+  def line(row):
+    return '| ' + ' | '.join(c.ljust(w) if names and i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths))) + ' |'
+
+  rule = '|' + '|'.join(('-' * (w + 1) + ':') if i or not names else (':' + '-' * (w + 1))
+                        for i, w in enumerate(widths)) + '|'
+  return '\n'.join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 
 class ConfusionMatrix:

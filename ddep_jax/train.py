@@ -240,13 +240,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def run_evals(step, final):
     results_by_name = {}
+    train_counts = None
     for evaluator in evaluators:
       every = evaluator.eval_config.get('every_steps')
       if not final and not (every and step % every == 0):
         continue
       with report_progress.timed(f'eval_{evaluator.name}'):
         results, images = evaluator.run(state['params'])
+      if train_counts is None:  # Summed over processes once per evaluation round.
+        train_counts = input_counts.summed()
+      results.update(train_counts)
       evaluate.write_results(workdir, evaluator.name, results, step=step, final=final)
+      evaluate.write_per_class_table(workdir, evaluator.name, results, step=step)
       writer.write_scalars(step, evaluate.summary_scalars(evaluator.name, results))
       if images and is_main:
         writer.write_images(step, {f'{evaluator.name}/{k}': v for k, v in images.items()})
@@ -258,13 +263,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # -- Loop ---------------------------------------------------------------------------------------
   report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   pending_metrics = []
+  input_counts = _InputCounts(train_iter)
   final_results = {}
   step = start_step
   try:
     while step < total_steps:
       step += 1
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = sharding.global_batch(_train_fields(next(train_iter), config.task), mesh)
+        local_batch = next(train_iter)
+        input_counts.add(local_batch)
+        batch = sharding.global_batch(_train_fields(local_batch, config.task), mesh)
         state, step_metrics = step_fn(state, batch)
       pending_metrics.append(step_metrics)
       report_progress(step)
@@ -276,6 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # anything is saved, so the last checkpoint stays a good one.
         _write_train_metrics(writer, step, pending_metrics)
         pending_metrics = []
+        input_counts.log()
       if save_now:
         ckpt.save(step, state, _meta(config, step), force=preempted or step == total_steps)
       if preempted:
@@ -297,6 +306,39 @@ def _train_fields(local_batch: Mapping[str, np.ndarray], task: str) -> dict:
   if missing:
     raise KeyError(f'Train batches for task {task!r} need {keys}; missing {missing}.')
   return {k: local_batch[k] for k in keys}
+
+
+class _InputCounts:
+  """Train input that never reaches the loss as labelled, since this process started.
+
+  Label pixels whose stored value was outside the dataset's classes (trained as ignore) and
+  corrupt examples skipped (`input.skip_corrupt`, counted by the iterator).
+  """
+
+  def __init__(self, train_iter):
+    self.train_iter = train_iter
+    self.invalid_label_pixels = 0
+    self._logged = (0, 0)
+
+  def add(self, local_batch: Mapping[str, np.ndarray]) -> None:
+    self.invalid_label_pixels += evaluate.invalid_label_pixels(local_batch)
+
+  def log(self) -> None:
+    """Warns (every process, for its own input) when the counts have grown."""
+    seen = (self.invalid_label_pixels, self.train_iter.num_skipped_corrupt)
+    if seen != self._logged:
+      logging.warning('Train input of this process so far: %d label pixels held values outside '
+                      'the dataset\'s classes (trained as ignore); %d corrupt examples skipped.',
+                      *seen)
+      self._logged = seen
+
+  def summed(self) -> dict:
+    """The counts summed over processes (every process must call this), for results JSON."""
+    return {
+        'train_num_invalid_label_pixels': evaluate.sum_over_processes(self.invalid_label_pixels),
+        'train_num_skipped_corrupt': evaluate.sum_over_processes(
+            self.train_iter.num_skipped_corrupt),
+    }
 
 
 def _write_train_metrics(writer, step: int, pending: list) -> None:

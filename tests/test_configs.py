@@ -59,7 +59,7 @@ FIG6_ROWS = {('none', 1, None), ('supervised', 1, None), ('dep', 1, None), ('dde
              ('none', 2, None), ('supervised', 2, None), ('ddep', 2, None)}
 WIDTH_ROWS_3X = {(init, width, None) for init in ('none', 'supervised', 'ddep') for width in (1, 3)}
 NOISE_STD_ROWS = {('ddep', 1, f'noise_std/noise_std={s}') for s in
-                  (0.1, 0.15, 0.22, 0.3, 0.5, 0.8)}
+                  (0.11, 0.15, 0.22, 0.3, 0.44, 0.8)}
 NOISE_TYPE_ROWS = {('ddep', 1, 'noise_type/noise_type=simple'),
                    ('ddep', 1, 'noise_type/noise_type=scaled')}
 # (config, sweep) -> (number of runs, table rows as (init, decoder_width, init_ckpt tag)).
@@ -242,6 +242,13 @@ def test_ddep_pretraining_is_the_papers(width, lr):
 
 def test_dep_and_noise_variants():
   ddep_pretrain = _module('ddep_pretrain')
+  # A single DeP run uses Table 2's sigma 0.8 unless told otherwise, as the `dep` sweep does.
+  assert ddep_pretrain.get_config('dep=True').denoising.noise_std == 0.8
+  assert ddep_pretrain.get_config('dep=True,noise_std=0.3').denoising.noise_std == 0.3
+  assert ddep_pretrain.get_config('dep=True,gamma=0.95').denoising.noise_std is None
+  # Fig. 5's sigmas (on [-1, 1] images) hold both readings of the optimum: 0.22 if the paper's
+  # images were in [-1, 1], 0.44 if in [0, 1]; and 0.11, our 0.22 read on [0, 1].
+  assert {0.11, 0.22, 0.44, 0.8} <= set(ddep_pretrain.NOISE_STD_GRID)
   dep = ddep_pretrain.get_config('dep=True,noise_type=simple,noise_std=0.8,predict_target=image')
   assert len(dep.schedule) == 1 and dep.schedule[0][0] == '.*'  # The whole model trains.
   assert (dep.input.dataset, dep.input.split, dep.total_epochs) == (
@@ -302,6 +309,15 @@ def test_finetuning_is_the_papers(name, dataset, classes, crop, batch, steps, sc
   else:
     assert (val.mode, val.crop_size, val.stride, val.flip) == (
         'sliding', (512, 512), (341, 341), True)
+  # The 0.5-2.0 rescale is relative to the scale evaluation sees: MMSegmentation's (2048, 512)
+  # keep-ratio scale for ADE20K (evaluated at short side 512), the stored image where evaluation
+  # keeps the original resolution (Cityscapes' full frames, Pascal Context's <= 500 px images).
+  assert config.input.scale_range == (0.5, 2.0)
+  assert config.input.reference_size == {'ade20k': (2048, 512)}.get(name)
+  local = _module(name).get_config('init=none,runlocal=True').input
+  assert local.reference_size == {'ade20k': (128, 32), 'pascal_context': (128, 32)}.get(name)
+  if name == 'cityscapes':
+    assert local.scale_range == (0.02, 0.04)  # Unchanged: relative to the stored frames.
 
 
 def test_finetuning_initialisations():

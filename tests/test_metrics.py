@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddep_jax import evaluate
 from ddep_jax import metrics
 
 
@@ -73,3 +74,27 @@ def test_psnr_and_top1():
                              [10 * np.log10(4 / 0.01), 10 * np.log10(4 / 0.04)], rtol=1e-5)
   logits = jnp.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
   np.testing.assert_array_equal(metrics.top1_correct(logits, jnp.array([1, 1, 1])), [1, 0, 1])
+
+
+def test_per_class_table_is_mmsegmentations():
+  results = metrics.segmentation_metrics(np.array([[3, 1, 0], [0, 4, 0], [0, 0, 0]]),
+                                         ['road', 'sidewalk', 'traffic light'])
+  assert metrics.format_per_class_table(results).split('\n') == [
+      'per class results:', '',
+      '| Class         |   IoU |    Acc |',
+      '|:--------------|------:|-------:|',
+      '| road          | 75.00 |  75.00 |',  # 3 / (4 + 3 - 3), 3 / 4.
+      '| sidewalk      | 80.00 | 100.00 |',  # 4 / (4 + 5 - 4), 4 / 4.
+      '| traffic light |   nan |    nan |',  # Never occurs.
+      '', 'Summary:', '',
+      '|  aAcc |  mIoU |  mAcc |',
+      '|------:|------:|------:|',
+      '| 87.50 | 77.50 | 87.50 |']  # 7 / 8; means over the two classes that occur.
+
+
+def test_invalid_label_pixels_count_real_examples_only():
+  batch = {'num_invalid_label_pixels': np.array([3, 0, 5, 7], np.int32),
+           'valid': np.array([True, True, True, False])}  # The last one only pads the batch.
+  assert evaluate.invalid_label_pixels(batch) == 8
+  assert evaluate.invalid_label_pixels({'image': np.zeros(2)}) == 0  # Not a segmentation batch.
+  assert evaluate.sum_over_processes(2**40 + 3) == 2**40 + 3  # One process: the count itself.

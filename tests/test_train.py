@@ -6,12 +6,14 @@ re-evaluating a checkpoint from the command line.
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import types
 
 import flax
 import numpy as np
@@ -191,16 +193,46 @@ def test_evaluate_command_reproduces_final_results(digit_scenes_dir, tmp_path):
   config = _config(digit_scenes_dir, task='segment', steps=8, checkpoint_every=2)
   results = train.train_and_evaluate(config, str(tmp_path / 'run'))
   env = _subprocess_env()
-  subprocess.run([sys.executable, '-m', 'ddep_jax.evaluate', f'--config={CONFIG_FILE}:{arg}',
-                  f'--workdir={tmp_path / "eval"}', f'--checkpoint={tmp_path / "run"}'],
-                 env=env, check=True, capture_output=True, timeout=600)
+  printed = subprocess.run(
+      [sys.executable, '-m', 'ddep_jax.evaluate', f'--config={CONFIG_FILE}:{arg}',
+       f'--workdir={tmp_path / "eval"}', f'--checkpoint={tmp_path / "run"}'],
+      env=env, check=True, capture_output=True, timeout=600, text=True).stdout
   with open(tmp_path / 'eval' / 'results' / 'val.json') as f:
     evaluated = json.load(f)
   assert evaluated['checkpoint_step'] == 8
+  # The per-class table is printed and written next to the JSON, as the trainer writes it.
+  with open(tmp_path / 'eval' / 'results' / 'val_per_class.md') as f:
+    table = f.read()
+  assert table.strip() in printed
+  assert f"| {100 * evaluated['aAcc']:.2f} | {100 * evaluated['mIoU']:.2f} |" in table
+  for name, iou in evaluated['per_class_iou'].items():
+    assert f'| {name} ' in table and f'{100 * iou:.2f}' in table, name
+  assert (tmp_path / 'run' / 'results' / 'val_per_class.md').exists()
+  # Counts of the input that reached the loss / metric as ignore (none in these scenes).
+  assert evaluated['num_invalid_label_pixels'] == 0
+  assert (results['val']['train_num_invalid_label_pixels'],
+          results['val']['train_num_skipped_corrupt']) == (0, 0)
   assert evaluated['mIoU'] == pytest.approx(results['val']['mIoU'], abs=1e-7)
   assert evaluated['per_class_iou'].keys() == results['val']['per_class_iou'].keys()
   for name, iou in results['val']['per_class_iou'].items():
     assert evaluated['per_class_iou'][name] == pytest.approx(iou, abs=1e-7, nan_ok=True)
+
+
+def test_train_input_counts_reach_the_log_and_the_results(caplog):
+  iterator = types.SimpleNamespace(num_skipped_corrupt=0)
+  counts = train._InputCounts(iterator)  # pylint: disable=protected-access
+  counts.add({'label': np.zeros((2, 4, 4)), 'num_invalid_label_pixels': np.array([4, 0])})
+  counts.add({'label': np.zeros((2, 4, 4)), 'num_invalid_label_pixels': np.array([0, 3])})
+  iterator.num_skipped_corrupt = 2
+  with caplog.at_level(logging.WARNING):
+    counts.log()
+  assert '7 label pixels held values outside' in caplog.text
+  assert '2 corrupt examples skipped' in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    counts.log()  # Nothing new: no second warning.
+  assert not caplog.text
+  assert counts.summed() == {'train_num_invalid_label_pixels': 7, 'train_num_skipped_corrupt': 2}
 
 
 def test_config_errors_are_clear(digit_scenes_dir):

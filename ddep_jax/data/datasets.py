@@ -22,6 +22,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ddep_jax.data import subsets
+from ddep_jax.data.builders import ade20k
+from ddep_jax.data.builders import pascal_context
+from ddep_jax.data.builders import voc2012
 
 IGNORE_LABEL = 255
 # Marks stored mask values a dataset never uses; mapped to IGNORE_LABEL and counted.
@@ -93,41 +96,15 @@ CITYSCAPES_CLASSES = (
     'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train',
     'motorcycle', 'bicycle')
 
+# Class names follow each builder's own id order (`CLASSES` in `ddep_jax.data.builders`), so
+# per-class results are labelled by the ids the masks hold.
 # ADEChallengeData2016 (objectInfo150 order); stored value k+1 is class k, 0 ("other") ignored.
-ADE20K_CLASSES = (
-    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass',
-    'cabinet', 'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant', 'curtain',
-    'chair', 'car', 'water', 'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug',
-    'field', 'armchair', 'seat', 'fence', 'desk', 'rock', 'wardrobe', 'lamp', 'bathtub',
-    'railing', 'cushion', 'base', 'box', 'column', 'signboard', 'chest of drawers', 'counter',
-    'sand', 'sink', 'skyscraper', 'fireplace', 'refrigerator', 'grandstand', 'path', 'stairs',
-    'runway', 'case', 'pool table', 'pillow', 'screen door', 'stairway', 'river', 'bridge',
-    'bookcase', 'blind', 'coffee table', 'toilet', 'flower', 'book', 'hill', 'bench',
-    'countertop', 'stove', 'palm', 'kitchen island', 'computer', 'swivel chair', 'boat', 'bar',
-    'arcade machine', 'hovel', 'bus', 'towel', 'light', 'truck', 'tower', 'chandelier', 'awning',
-    'streetlight', 'booth', 'television receiver', 'airplane', 'dirt track', 'apparel', 'pole',
-    'land', 'bannister', 'escalator', 'ottoman', 'bottle', 'buffet', 'poster', 'stage', 'van',
-    'ship', 'fountain', 'conveyer belt', 'canopy', 'washer', 'plaything', 'swimming pool',
-    'stool', 'barrel', 'basket', 'waterfall', 'tent', 'bag', 'minibike', 'cradle', 'oven',
-    'ball', 'food', 'step', 'tank', 'trade name', 'microwave', 'pot', 'animal', 'bicycle', 'lake',
-    'dishwasher', 'screen', 'blanket', 'sculpture', 'hood', 'sconce', 'vase', 'traffic light',
-    'tray', 'ashcan', 'fan', 'pier', 'crt screen', 'plate', 'monitor', 'bulletin board',
-    'shower', 'radiator', 'glass', 'clock', 'flag')
-
-VOC_CLASSES = (
-    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
-    'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa',
-    'train', 'tvmonitor')
-
-# The 60-class Pascal Context label set (background first); the 59-class set drops background.
-PASCAL_CONTEXT_60_CLASSES = (
-    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair',
-    'cow', 'table', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa',
-    'train', 'tvmonitor', 'bag', 'bed', 'bench', 'book', 'building', 'cabinet', 'ceiling',
-    'cloth', 'computer', 'cup', 'door', 'fence', 'floor', 'flower', 'food', 'grass', 'ground',
-    'keyboard', 'light', 'mountain', 'mouse', 'curtain', 'platform', 'sign', 'plate', 'road',
-    'rock', 'shelves', 'sidewalk', 'sky', 'snow', 'bedclothes', 'track', 'tree', 'truck', 'wall',
-    'water', 'window', 'wood')
+ADE20K_CLASSES = ade20k.CLASSES
+VOC_CLASSES = voc2012.CLASSES
+# Pascal Context as MMSegmentation orders it (alphabetical after background; the builder maps
+# PASCAL-in-Detail's sorted category ids to these); the 59-class set drops background.
+PASCAL_CONTEXT_60_CLASSES = pascal_context.CLASSES_60
+PASCAL_CONTEXT_59_CLASSES = pascal_context.CLASSES_59
 
 DIGIT_SCENES_CLASSES = ('background',) + tuple(str(d) for d in range(10))
 
@@ -195,7 +172,7 @@ for _spec in [
     DatasetSpec(
         name='pascal_context_59', tfds_name='ddep_pascal_context/59', kind=SEGMENTATION,
         label_key='segmentation_mask', num_classes=59, label_table=_identity_table(59),
-        class_names=PASCAL_CONTEXT_60_CLASSES[1:]),
+        class_names=PASCAL_CONTEXT_59_CLASSES),
     DatasetSpec(
         name='pascal_context_60', tfds_name='ddep_pascal_context/60', kind=SEGMENTATION,
         label_key='segmentation_mask', num_classes=60, label_table=_identity_table(60),

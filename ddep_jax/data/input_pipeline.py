@@ -57,6 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
   # (1024 Cityscapes, 512 ADE20K / Pascal Context).
   c.crop_size = config_dict.placeholder(tuple)
   c.scale_range = (0.5, 2.0)  # Segment: random rescale factor range.
+  # Segment: what scale_range is relative to. None: the stored image; (long, short): the
+  # keep-ratio size MMSegmentation's scale=(long, short) gives, e.g. (2048, 512) for ADE20K,
+  # whose evaluation resizes to that scale.
+  c.reference_size = config_dict.placeholder(tuple)
   c.flip = True  # Random left-right flip.
   c.inception_crop = (0.05, 1.0)  # Denoise / classify: area range of the inception crop.
   c.inception_aspect_ratio = (3 / 4, 4 / 3)
@@ -317,6 +321,10 @@ def _train_preprocess(source: _Source, input_config, seed: int) -> Callable:
                                                 (3 / 4, 4 / 3)))
   if not 0 < scale_range[0] <= scale_range[1]:
     raise ValueError(f'input.scale_range={scale_range} must be (low, high) with 0 < low <= high.')
+  reference_size = _tuple(_field(input_config, 'reference_size'))
+  if reference_size is not None and (len(reference_size) != 2 or min(reference_size) <= 0):
+    raise ValueError(f'input.reference_size={reference_size} must be (long side, short side) > 0, '
+                     'e.g. (2048, 512), or None for the stored image size.')
   if not 0 < area_range[0] <= area_range[1] <= 1:
     raise ValueError(f'input.inception_crop={area_range} must be an area range in (0, 1].')
 
@@ -329,7 +337,8 @@ def _train_preprocess(source: _Source, input_config, seed: int) -> Callable:
       out['num_invalid_label_pixels'] = preprocessing.count_unexpected_labels(
           mask, spec.label_table)
       image, mask = preprocessing.random_rescale_crop_flip(
-          image, mask, seed_, crop_size=crop_size, scale_range=scale_range, flip=flip)
+          image, mask, seed_, crop_size=crop_size, scale_range=scale_range, flip=flip,
+          reference_size=reference_size)
       out['label'] = preprocessing.map_labels(mask, spec.label_table)
     else:
       image = preprocessing.inception_crop_flip(

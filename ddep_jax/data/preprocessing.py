@@ -153,16 +153,34 @@ def rescaled_size(size_hw: tf.Tensor, scale) -> tf.Tensor:
   return tf.maximum(tf.cast(scaled, tf.int32), 1)
 
 
-def random_rescale_crop_flip(image, mask, seed, *, crop_size, scale_range, flip=True):
+def reference_scale(size_hw: tf.Tensor, reference_size) -> tf.Tensor:
+  """Factor taking an image to MMSegmentation's keep-ratio `scale=(long, short)`.
+
+  The largest size with long side <= `long` and short side <= `short` (the larger number of the
+  pair bounds the long side, as in mmcv's `rescale_size`): (2048, 512) gives a short side of 512
+  unless that would make the long side exceed 2048.
+  """
+  size = tf.cast(size_hw, tf.float32)
+  long_side, short_side = float(max(reference_size)), float(min(reference_size))
+  return tf.minimum(long_side / tf.reduce_max(size), short_side / tf.reduce_min(size))
+
+
+def random_rescale_crop_flip(image, mask, seed, *, crop_size, scale_range, flip=True,
+                             reference_size=None):
   """Segmentation train augmentation: random rescale, random crop (padded), random flip.
 
   The scale is uniform in `scale_range` (MMSegmentation's ratio_range, default 0.5-2.0), the
-  window uniform over the rescaled image, flip with probability 1/2 (paper §5).
+  window uniform over the rescaled image, flip with probability 1/2 (paper §5). The ratio is
+  relative to the stored image, or with `reference_size=(long, short)` to that keep-ratio
+  scale (`reference_scale`), as MMSegmentation's RandomResize(scale=(2048, 512)) is, so that
+  training sees objects at the scale evaluation resizes them to.
   """
   scale_seed, offset_seed, flip_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, num=3))
   scale = tf.random.stateless_uniform([], scale_seed, minval=scale_range[0],
                                       maxval=scale_range[1])
+  if reference_size is not None:
+    scale *= reference_scale(tf.shape(image)[:2], reference_size)
   scaled_hw = rescaled_size(tf.shape(image)[:2], scale)
   max_offset = tf.maximum(scaled_hw - tf.constant(crop_size), 0)
   u = tf.random.stateless_uniform([2], offset_seed)

@@ -24,9 +24,10 @@ class AddPositionEmbs(nn.Module):
 
   The parameter `pos_embedding` is `(1, num_prefix_tokens + h * w, D)` for the grid seen at
   init (the checkpoint format). Applied to another grid (multi-scale or full-frame inference),
-  the grid part is resized bilinearly to the new `(h, w)`; this needs the stored grid to be
-  square (its shape cannot be recovered from `h * w` otherwise). To fine-tune at a new size,
-  resample once when loading instead (`pretrained.resample_posemb`).
+  the grid part is resized bilinearly to the new `(h, w)` whenever the grids differ, even with
+  equal token counts; this needs the stored grid to be square (its shape cannot be recovered
+  from `h * w` otherwise). To fine-tune at a new size, resample once when loading instead
+  (`pretrained.resample_posemb`).
   """
 
   grid_size: Sequence[int]
@@ -39,12 +40,22 @@ class AddPositionEmbs(nn.Module):
       # Read directly: `self.param` would insist on the init shape for this input's grid.
       posemb = self.get_variable('params', 'pos_embedding')
     else:
+      side = math.isqrt(height * width)
+      if height != width and side * side == height * width:
+        raise ValueError(
+            f'A {height}x{width} token grid has a square number of tokens, so its position '
+            f'embedding would later be read as {side}x{side}. Use an image (crop) size whose '
+            'token grid is square, or whose token count is not a perfect square.')
       posemb = self.param('pos_embedding', nn.initializers.normal(stddev=0.02),  # from BERT.
                           (1, x.shape[1], x.shape[2]), jnp.float32)
-    if posemb.shape[1] != x.shape[1]:
-      prefix, grid = posemb[:, :self.num_prefix_tokens], posemb[:, self.num_prefix_tokens:]
-      side = math.isqrt(grid.shape[1])
-      if side * side != grid.shape[1]:
+    prefix, grid = posemb[:, :self.num_prefix_tokens], posemb[:, self.num_prefix_tokens:]
+    side = math.isqrt(grid.shape[1])
+    # Compare grids, not token counts: a 4x4 table read as 2x8 would scramble the positions. A
+    # non-square stored grid has no recoverable shape; it is taken as the input's when counts match.
+    stored_grid = (side, side) if side * side == grid.shape[1] else None
+    if stored_grid != (height, width) and not (stored_grid is None
+                                               and grid.shape[1] == height * width):
+      if stored_grid is None:
         raise ValueError(
             f'pos_embedding holds a non-square grid of {grid.shape[1]} tokens, so it cannot be '
             f'resized on the fly to the {height}x{width} grid of this input. Resample it for '

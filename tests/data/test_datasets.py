@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 
 from ddep_jax.data import datasets
+from ddep_jax.data.builders import ade20k
+from ddep_jax.data.builders import digit_scenes
+from ddep_jax.data.builders import pascal_context
+from ddep_jax.data.builders import voc2012
 
 CITYSCAPES_PAIRS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                     24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
@@ -86,3 +90,59 @@ def test_dataset_info_of_a_prepared_dataset(scenes):
   assert classification.class_names == ('a', 'b', 'c')
   images = datasets.dataset_info('tfds:pipeline_test_scenes/ade_like', scenes.data_dir)
   assert (images.kind, images.num_classes) == ('images', None)
+
+
+def _builder_value_names(tmp_path) -> dict[str, dict[int, str]]:
+  """{registry name: {stored mask value / class label: name}} as each project builder defines."""
+  digit_names = digit_scenes.DigitScenes(
+      config='classification', data_dir=str(tmp_path)).info.features['label'].names
+  return {
+      'ade20k': {k + 1: name for k, name in enumerate(ade20k.CLASSES)},  # 0 = "other".
+      'pascal_context_60': dict(enumerate(pascal_context.CLASSES_60)),
+      'pascal_context_59': dict(enumerate(pascal_context.CLASSES_59)),
+      'voc2012': dict(enumerate(voc2012.CLASSES)),
+      # Masks: 0 = background, 1..10 = digit 0..9 (the builder's docstring).
+      'digit_scenes': {0: 'background', **{d + 1: n for d, n in enumerate(digit_names)}},
+      'digit_scenes_classification': dict(enumerate(digit_names)),
+  }
+
+
+def test_class_names_follow_each_builders_ids(tmp_path):
+  expected = _builder_value_names(tmp_path)
+  # ImageNet-21k's names come from the prepared ClassLabel (its synset order), so the registry
+  # holds none; unlabelled datasets have none.
+  from_prepared = {'imagenet21k_fall11', 'imagenet21k_winter21'}
+  checked = set()
+  for name in datasets.registered_names():
+    spec = datasets.get_spec(name)
+    if not spec.tfds_name.startswith('ddep_'):
+      continue  # TFDS's own builders (Cityscapes) and test datasets.
+    if spec.kind == datasets.IMAGES or name in from_prepared:
+      assert spec.class_names is None, name
+      continue
+    assert name in expected, f'{name}: add its builder names to this test'
+    names = expected[name]
+    assert len(spec.class_names) == spec.num_classes == len(names), name
+    if spec.kind == datasets.CLASSIFICATION:
+      assert tuple(spec.class_names) == tuple(names[i] for i in range(len(names))), name
+    else:
+      # Id by id through the label table: stored value v trains as id table[v], named as v is.
+      table = spec.label_table
+      for value, value_name in names.items():
+        assert spec.class_names[table[value]] == value_name, (name, value)
+      assert sorted(table[v] for v in names) == list(range(spec.num_classes)), name
+    checked.add(name)
+  assert checked == set(expected)
+
+
+def test_pascal_context_names_are_mmsegmentations_order():
+  # MMSegmentation's PascalContextDataset(59) METAINFO: background, then alphabetical; the
+  # builder's ids sort PASCAL-in-Detail's category ids, whose label list is alphabetical.
+  pc60, pc59 = datasets.get_spec('pascal_context_60'), datasets.get_spec('pascal_context_59')
+  assert pc60.class_names[0] == 'background'
+  assert list(pc60.class_names[1:]) == sorted(pc60.class_names[1:])
+  assert tuple(pc59.class_names) == tuple(pc60.class_names[1:])
+  spot = {1: 'aeroplane', 2: 'bag', 11: 'building', 13: 'cabinet', 37: 'person', 40: 'pottedplant',
+          50: 'table', 55: 'tvmonitor', 59: 'wood'}
+  assert {i: pc60.class_names[i] for i in spot} == spot
+  assert pc59.class_names[1] == 'bag' and pc59.class_names[58] == 'wood'

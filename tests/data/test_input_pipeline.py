@@ -49,7 +49,7 @@ def test_default_configs_have_the_owned_fields():
   config = input_pipeline.default_config()
   for field in ('dataset', 'split', 'batch_size', 'crop_size', 'scale_range', 'flip',
                 'inception_crop', 'label_fraction', 'label_count', 'subset_seed', 'split_file',
-                'shuffle_buffer', 'cache', 'data_dir', 'skip_corrupt'):
+                'shuffle_buffer', 'cache', 'data_dir', 'skip_corrupt', 'reference_size'):
     assert field in config, field
   assert tuple(config.scale_range) == (0.5, 2.0)
   eval_config = input_pipeline.default_eval_config()
@@ -94,6 +94,22 @@ def test_segment_crop_larger_than_image_is_padded_with_ignore(scenes):
     # Padding is on the right, or on the left after a flip.
     assert set(range(width, 48)) <= set(padded_columns) or set(range(8)) <= set(padded_columns)
     np.testing.assert_allclose(image[:, padded_columns[padded_columns >= width]], -1.0)
+
+
+def test_segment_rescale_is_relative_to_the_reference_size(scenes):
+  # Frames are 24x40 with a green ramp of 255 / 39 per column; the keep-ratio scale (160, 48)
+  # doubles them (short side 48), so at scale_range 1 the crops show half the slope.
+  slopes = {}
+  for reference in (None, (160, 48)):
+    config = _train_config(scenes, scale_range=(1.0, 1.0), reference_size=reference)
+    batch = next(input_pipeline.get_train_dataset(config, 'segment', seed=0, process_index=0,
+                                                  process_count=1))
+    slopes[reference] = np.abs(np.diff(_raw(batch['image'])[..., 1], axis=2)).mean()
+  assert slopes[None] == pytest.approx(255 / 39, rel=0.03)
+  assert slopes[(160, 48)] == pytest.approx(255 / 79, rel=0.03)
+  with pytest.raises(ValueError, match=r'input.reference_size=\(512,\) must be \(long side'):
+    input_pipeline.get_train_dataset(_train_config(scenes, reference_size=(512,)), 'segment',
+                                     seed=0, process_index=0, process_count=1)
 
 
 @pytest.mark.parametrize('task', ['segment', 'denoise'])

@@ -173,3 +173,48 @@ def test_example_seed_depends_on_seed_epoch_and_key():
   for other in (preprocessing.example_seed(1, 0, 'a'), preprocessing.example_seed(0, 1, 'a'),
                 preprocessing.example_seed(0, 0, 'b')):
     assert not np.array_equal(base, other.numpy())
+
+
+
+def _crop_scales(size_hw, reference_size, seeds, crop=(24, 48)):
+  """Rescale factor (rescaled / stored width) behind each seed's train crop.
+
+  The image is a horizontal ramp (value x * 255 / (W - 1) at column x), so the slope of a crop
+  gives the width of the rescaled image it was cut from.
+  """
+  height, width = size_hw
+  ramp = np.broadcast_to(np.arange(width, dtype=np.float32) * 255 / (width - 1), (height, width))
+  image = tf.constant(np.repeat(ramp[..., None], 3, axis=-1))
+  mask = tf.zeros([height, width, 1], tf.int32)
+  factors = []
+  for seed in seeds:
+    out, out_mask = preprocessing.random_rescale_crop_flip(
+        image, mask, tf.constant([seed, 7], tf.int64), crop_size=crop, scale_range=(0.5, 2.0),
+        flip=False, reference_size=reference_size)
+    row = out.numpy()[0, :, 0][out_mask.numpy()[0, :, 0] >= 0]  # Drop bottom/right padding.
+    slope = (row[-1] - row[0]) / (len(row) - 1)
+    factors.append((255 / slope + 1) / width)
+  return np.array(factors)
+
+
+def test_train_rescale_is_relative_to_the_reference_scale():
+  # MMSegmentation's (2048, 512) at a quarter: short side 128, long side at most 512. Images of
+  # several sizes and shapes, one (40x480) long enough for the long-side bound to apply.
+  reference, seeds = (512, 128), range(32)
+  sizes = [(64, 96), (128, 96), (256, 384), (40, 480)]
+  keep_ratio = {(64, 96): 2.0, (128, 96): 128 / 96, (256, 384): 0.5, (40, 480): 512 / 480}
+  # Object scale in the crop relative to the image evaluation sees (resized to the reference).
+  scales = {size: _crop_scales(size, reference, seeds) / keep_ratio[size] for size in sizes}
+  for size in sizes[1:]:
+    # The same draw shows objects at the same scale whatever the stored size (up to rounding
+    # the rescaled size to whole pixels).
+    np.testing.assert_allclose(scales[size], scales[sizes[0]], rtol=0.02)
+  for s in scales.values():
+    assert 0.49 <= s.min() < 0.6 and 1.85 < s.max() <= 2.02, (s.min(), s.max())
+    assert abs(s.mean() - 1.25) < 0.12  # Uniform on [0.5, 2].
+  # Without a reference the ratio is relative to the stored size, so relative to the evaluated
+  # scale a 4x larger image is seen 4x larger (what ADE20K training did before).
+  stored = {size: _crop_scales(size, None, seeds) for size in [(64, 96), (256, 384)]}
+  np.testing.assert_allclose(stored[(256, 384)], stored[(64, 96)], rtol=0.02)
+  np.testing.assert_allclose(stored[(256, 384)] / keep_ratio[(256, 384)],
+                             4 * stored[(64, 96)] / keep_ratio[(64, 96)], rtol=0.02)

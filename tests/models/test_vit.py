@@ -42,6 +42,27 @@ def test_position_embeddings_resized_on_the_fly_for_another_grid():
   np.testing.assert_array_equal(np.asarray(same), tokens[:, :5] + posemb)
 
 
+def test_position_embeddings_resized_for_a_grid_of_the_same_token_count():
+  # A 4x4 table applied to a 2x8 grid (16 tokens both): resized by shape, not reused as is.
+  rng = np.random.default_rng(1)
+  posemb = rng.normal(size=(1, 1 + 4 * 4, 4)).astype(np.float32)
+  tokens = rng.normal(size=(2, 1 + 2 * 8, 4)).astype(np.float32)
+  out = vit.AddPositionEmbs((2, 8), num_prefix_tokens=1).apply(
+      {'params': {'pos_embedding': posemb}}, tokens)
+  grid = bilinear_half_pixel_np(posemb[0, 1:].reshape(4, 4, 4), 2, 8).reshape(1, 16, 4)
+  expected = tokens + np.concatenate([posemb[:, :1], grid], axis=1)
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6, atol=1e-6)
+  assert np.abs(np.asarray(out) - (tokens + posemb)).max() > 0.1  # The old, reused layout.
+  # A non-square stored grid (2x3) is read as the input's grid when the counts match.
+  posemb_2x3 = rng.normal(size=(1, 1 + 6, 4)).astype(np.float32)
+  same = vit.AddPositionEmbs((2, 3), 1).apply({'params': {'pos_embedding': posemb_2x3}},
+                                              tokens[:, :7])
+  np.testing.assert_array_equal(np.asarray(same), tokens[:, :7] + posemb_2x3)
+  # Initialising a non-square grid with a square token count would store an ambiguous table.
+  with pytest.raises(ValueError, match='2x8 token grid has a square number of tokens.*4x4'):
+    vit.AddPositionEmbs((2, 8), 1).init(jax.random.key(0), tokens)
+
+
 def test_non_square_stored_grid_cannot_be_resized_on_the_fly():
   posemb = np.zeros((1, 1 + 2 * 3, 4), np.float32)
   with pytest.raises(ValueError, match='non-square grid of 6 tokens.*4x4.*resample_posemb'):

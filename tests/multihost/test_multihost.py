@@ -36,7 +36,8 @@ import worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 CONFIG_FILE = os.path.join(harness.REPO, 'tests', 'tiny_config.py')
 WORKER = os.path.join(HERE, 'worker.py')
 NUM_PROCESSES = 2
-SEGMENTATION_RESULTS = ('mIoU', 'mAcc', 'aAcc', 'num_pixels', 'per_class_iou', 'per_class_acc')
+SEGMENTATION_RESULTS = ('mIoU', 'mAcc', 'aAcc', 'num_pixels', 'per_class_iou', 'per_class_acc',
+                        'num_invalid_label_pixels')  # The last is summed over processes.
 TIMEOUT_S = 420  # Per job; processes import TF + JAX (~10 s) and compile the tiny model.
 
 
