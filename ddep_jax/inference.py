@@ -21,12 +21,16 @@ a batch into `Unit`s by padded window shape, and `unit_probabilities` runs one u
 batch (a pure, traceable function; images outside the unit contribute 0), the windows at fixed
 shape with per-image offsets. One XLA program per distinct unit, reused across batches: for a
 split, at most (number of scales) x (distinct padded window shapes) x (distinct window counts,
-rounded up to powers of two). Images at least as large as the crop share the crop's shape; only
-images smaller than the crop at some scale add shapes (one per 16-px step of the short side).
-For an ADE20K-like split (short side 512, crop 512, six scales 0.5 ... 1.75) that is one shape
-at each scale >= 1 and, at scales 0.5 and 0.75, one per 16-px step of the scaled long side below
-512 (height and width swapped for portrait images): about 4 x 3 + 2 x 14 = 40 programs for the
-whole validation split (`experiments/benchmarks/eval_protocols_benchmark.py` counts them).
+rounded up to powers of two; a shape takes the largest count in the batch). Images at least as
+large as the crop share the crop's shape; only images smaller than the crop at some scale add
+shapes (one per 16-px step of each short side). ADE20K-like split (short side 512, crop 512,
+six scales 0.5 ... 1.75): one shape at each scale >= 1 (times its window counts met across
+batches: 1, 2, 4, 8 or 16), and at scales 0.5 and 0.75 one per 16-px step of the scaled long
+side below 512 (portrait and landscape apart): 54 shapes for aspect ratios from 1:4 to 4:1,
+16 for the common ones (512x512, 512x640, 512x683,
+512x768, 512x910, 512x1024 and their portraits). A Pascal Context-like split (images of at most
+500 px, all smaller than the crop at scales <= 1) can need many more: up to 252 for every
+height and width from 100 to 500 px.
 Cityscapes (all frames 1024x2048, the halves protocol) is a single program.
 
 `predict_image_probabilities` runs a protocol on ONE image of any size (for prediction tools);
