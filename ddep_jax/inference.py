@@ -185,7 +185,8 @@ def _flip_image(x: jax.Array, width) -> jax.Array:
 
 def _inside(size, hw: tuple[int, int]) -> jax.Array:
   """[H, W, 1] mask of the pixels of an image of own `size` in an [H, W] canvas."""
-  return ((jnp.arange(hw[0])[:, None] < size[0]) & (jnp.arange(hw[1])[None, :] < size[1]))[..., None]
+  rows = jnp.arange(hw[0])[:, None] < size[0]
+  return (rows & (jnp.arange(hw[1])[None, :] < size[1]))[..., None]
 
 
 def _window_logits(predict_fn: PredictFn, x: jax.Array, sizes: jax.Array, unit: Unit,
