@@ -45,7 +45,6 @@ The paper's protocols (§5.1):
 """
 
 import dataclasses
-import math
 from typing import Callable, Sequence
 
 import jax
@@ -77,8 +76,9 @@ def check_protocol(mode: str, scales: Sequence[float], crop_size, stride) -> Non
 
 
 def scaled_length(length: int, scale: float) -> int:
-  """An image side after rescaling by `scale` (MMCV's `int(x * scale + 0.5)`)."""
-  return max(1, int(math.floor(length * scale + 0.5)))
+  """An image side after rescaling by `scale` (MMCV's `int(x * scale + 0.5)`), in float32 like
+  the jitted programs, so that host plans and device membership agree."""
+  return max(1, int(np.floor(np.float32(length) * np.float32(scale) + np.float32(0.5))))
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:
