@@ -9,8 +9,10 @@ a checkpoint and evaluates it, writing `results/<eval_name>.json`:
 
 Every evaluator runs one jitted step per global batch on the device mesh; sums (confusion
 matrices, losses, counts) are reduced by XLA over the global batch, so each host reads the same
-totals and a multi-host evaluation equals a single-host one. Examples that only pad the last
-batch (`valid == False`) and pixels labelled 255 never count.
+totals and a multi-host evaluation equals a single-host one. Segmentation infers each image on
+its own (`ddep_jax.inference`): one program per (scale, padded window shape) in the batch,
+chosen from every host's image sizes, so all hosts run the same programs. Examples that only pad
+the last batch (`valid == False`) and pixels labelled 255 never count.
 """
 
 import functools
@@ -81,6 +83,20 @@ class Evaluator:
     self.mesh = mesh
     self.task = config.task
     self._step_fn = jax.jit(self._batch_statistics, out_shardings=_replicated(mesh))
+    if self.task == 'segment':
+      self._geometry = dict(
+          mode=eval_config.mode,
+          crop_size=tuple(eval_config.crop_size) if eval_config.crop_size else None,
+          stride=tuple(eval_config.stride) if eval_config.stride else None,
+          size_divisor=sharding_size_divisor(config))
+      self._protocol = dict(self._geometry, flip=eval_config.flip)
+      self._scales = tuple(eval_config.scales)
+      batch_sharding = sharding.batch_sharding(mesh)
+      self._zeros_fn = jax.jit(jnp.zeros, static_argnums=(0,), out_shardings=batch_sharding)
+      # One program per inference unit (scale and padded window shape), reused across batches;
+      # the probability sums are donated, so a batch holds one copy.
+      self._unit_fn = jax.jit(self._unit_probabilities, static_argnames=('unit',),
+                              donate_argnums=(3,), out_shardings=batch_sharding)
 
   # -- per task, a pure function of (params, global batch, batch index) -> sums ----------------
 
@@ -88,16 +104,23 @@ class Evaluator:
     out, _ = self.model.apply({'params': params}, images, train=False)
     return out
 
+  def _unit_probabilities(self, params, images, sizes, probability_sums, *, unit):
+    return probability_sums + inference.unit_probabilities(
+        functools.partial(self._predict, params), images, sizes, unit, **self._protocol)
+
+  def _segment_statistics(self, params, batch, global_sizes):
+    """Per-image inference (`inference`), one program per unit present in the batch."""
+    image = batch['image']
+    sums = self._zeros_fn((*image.shape[:3], self.config.num_classes))
+    for unit in inference.plan(global_sizes, scales=self._scales, **self._geometry):
+      sums = self._unit_fn(params, image, batch['orig_size'], sums, unit=unit)
+    return self._step_fn(params, dict(batch, probability_sums=sums))
+
   def _batch_statistics(self, params, batch):
     valid = batch['valid']
     if self.task == 'segment':
-      ec = self.eval_config
-      probabilities = inference.predict_probabilities(
-          functools.partial(self._predict, params), batch['image'], mode=ec.mode,
-          scales=tuple(ec.scales), flip=ec.flip,
-          crop_size=tuple(ec.crop_size) if ec.crop_size else None,
-          stride=tuple(ec.stride) if ec.stride else None,
-          size_divisor=sharding_size_divisor(self.config))
+      probabilities = batch['probability_sums'] / inference.num_predictions(
+          self._scales, self.eval_config.flip)
       predictions = jnp.argmax(probabilities, axis=-1).astype(jnp.int32)
       confusion = metrics.confusion_matrix(batch['label'], predictions, self.config.num_classes,
                                            valid=valid)
@@ -149,9 +172,12 @@ class Evaluator:
         break
       invalid_pixels += invalid_label_pixels(local_batch)
       batch = sharding.global_batch(
-          {k: local_batch[k] for k in ('image', 'label', 'valid', 'id_hash') if k in local_batch},
-          self.mesh)
-      stats = self._step_fn(params, batch)
+          {k: local_batch[k] for k in ('image', 'label', 'valid', 'id_hash', 'orig_size')
+           if k in local_batch}, self.mesh)
+      if self.task == 'segment':
+        stats = self._segment_statistics(params, batch, _global_sizes(local_batch))
+      else:
+        stats = self._step_fn(params, batch)
       if confusion is not None:
         confusion.update(stats['confusion'])
       for k, v in stats.items():
@@ -205,6 +231,16 @@ class Evaluator:
               'predicted_' + self.config.denoising['predict_target']: prediction,
               'reconstruction': _to_unit_range(s['reconstruction'])}
     return {}
+
+
+def _global_sizes(local_batch) -> np.ndarray:
+  """Own (height, width) of every valid image of the global batch (0 for padding), on every
+  host: each host derives the same inference plan from it, so all run the same programs."""
+  sizes = np.where(np.asarray(local_batch['valid'])[:, None],
+                   np.asarray(local_batch['orig_size'], np.int32), 0)
+  if jax.process_count() == 1:
+    return sizes
+  return np.asarray(multihost_utils.process_allgather(sizes, tiled=True))
 
 
 def sharding_size_divisor(config) -> int:

@@ -51,15 +51,17 @@ def test_sliding_window_really_crops_windows():
 
 
 def test_sliding_average_of_overlaps_by_hand():
-  # A model returning the window's mean: overlapping windows average their values.
+  # A model returning the window's mean as class-1 logit: overlapping windows average theirs.
   def mean_model(x):
-    return jnp.broadcast_to(jnp.mean(x, axis=(1, 2, 3), keepdims=True), x.shape[:3] + (1,))
+    mean = jnp.broadcast_to(jnp.mean(x, axis=(1, 2, 3), keepdims=True), x.shape[:3] + (1,))
+    return jnp.concatenate([jnp.zeros_like(mean), mean], axis=-1)
   images = jnp.concatenate([jnp.zeros((1, 16, 16, 3)), jnp.ones((1, 16, 16, 3))], axis=2)
-  logits = inference.sliding_window_logits(mean_model, images, crop_size=(16, 16),
-                                           stride=(16, 8), size_divisor=16)
+  probs = inference.predict_probabilities(mean_model, images, mode='sliding', crop_size=(16, 16),
+                                          stride=(16, 8), size_divisor=16)
   # Windows at columns 0, 8, 16 with means 0, 0.5, 1.
-  np.testing.assert_allclose(logits[0, 0, :, 0],
-                             [0.0] * 8 + [0.25] * 8 + [0.75] * 8 + [1.0] * 8, atol=1e-6)
+  np.testing.assert_allclose(probs[0, 0, :, 1],
+                             jax.nn.sigmoid(jnp.array([0.0] * 8 + [0.25] * 8 + [0.75] * 8
+                                                      + [1.0] * 8)), atol=1e-6)
 
 
 def test_cityscapes_halves_protocol_matches_hand_assembly():
@@ -91,15 +93,18 @@ def test_multiscale_averages_softmax_of_each_scale():
   np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
-def test_whole_pads_to_size_divisor_and_crops_back():
+def test_whole_pads_to_size_divisor_with_zeros_and_crops_back():
   seen = []
   def model(x):
     seen.append(x.shape)
-    return _pointwise_model(x)
+    # Class 0's logit is the input's sum over the image's pixel count: 0-padding keeps it.
+    total = jnp.sum(x, axis=(1, 2, 3)) / (20 * 36 * 3)
+    return jnp.zeros(x.shape[:3] + (2,)).at[..., 0].set(total[:, None, None])
   images = _images((1, 20, 36, 3))
   probs = inference.predict_probabilities(model, images, size_divisor=16)
   assert seen == [(1, 32, 48, 3)]
-  assert probs.shape == (1, 20, 36, 5)
+  assert probs.shape == (1, 20, 36, 2)
+  np.testing.assert_allclose(probs[..., 0], jax.nn.sigmoid(jnp.mean(images)), atol=1e-6)
 
 
 def test_bad_protocol_errors():
@@ -107,3 +112,124 @@ def test_bad_protocol_errors():
     inference.predict_probabilities(_pointwise_model, _images(), mode='sliding')
   with pytest.raises(ValueError, match='Unknown inference mode'):
     inference.predict_probabilities(_pointwise_model, _images(), mode='tiles')
+
+
+# -- per-image inference ------------------------------------------------------------------------
+# A deterministic small model in pure jax: a fixed random 3x3 convolution ('SAME', so borders and
+# padding matter) plus a term of the input's global mean (so the whole model input matters).
+
+_CONV = jnp.asarray(np.random.default_rng(2).normal(size=(3, 3, 3, 4)) / 3, jnp.float32)
+
+
+def _conv_model(images):
+  local = jax.lax.conv_general_dilated(images, _CONV, (1, 1), 'SAME',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return local + 2.0 * jnp.mean(images, axis=(1, 2), keepdims=True) @ _CONV[1, 1]
+
+
+_SIZES = ((13, 21), (24, 17), (9, 12))
+_DIVISOR = 8
+_PROTOCOLS = {
+    'whole': dict(mode='whole'),
+    'sliding': dict(mode='sliding', crop_size=(16, 16), stride=(11, 11)),
+    'multiscale_flip': dict(mode='sliding', crop_size=(16, 16), stride=(11, 11),
+                            scales=(0.75, 1.25), flip=True),
+}
+
+
+def _random_images(sizes=_SIZES, seed=3):
+  rng = np.random.default_rng(seed)
+  return [rng.uniform(-1, 1, (h, w, 3)).astype(np.float32) for h, w in sizes]
+
+
+def _canvas(images, pad_value=-1.0):
+  """Images at the top left of one canvas, padded as the eval pipeline pads them (-1)."""
+  height = max(x.shape[0] for x in images)
+  width = max(x.shape[1] for x in images)
+  canvas = np.full((len(images), height, width, 3), pad_value, np.float32)
+  for i, x in enumerate(images):
+    canvas[i, :x.shape[0], :x.shape[1]] = x
+  return canvas, np.array([x.shape[:2] for x in images], np.int32)
+
+
+def _plain_reference(model, image, *, mode='whole', scales=(1.0,), flip=False, crop_size=None,
+                     stride=None, size_divisor=_DIVISOR):
+  """MMSegmentation's per-image protocol, one image at a time, written plainly (numpy loops)."""
+  height, width = image.shape[:2]
+
+  def logits_of(x):  # slide_inference / whole inference on one image [h, w, 3]
+    h, w = x.shape[:2]
+    if mode == 'whole':
+      crop_h, crop_w, stride_h, stride_w = h, w, 1, 1
+    else:
+      crop_h, crop_w = min(crop_size[0], h), min(crop_size[1], w)
+      stride_h, stride_w = stride
+    total, count = None, np.zeros((h, w, 1))
+    for i in range(max(h - crop_h + stride_h - 1, 0) // stride_h + 1):
+      for j in range(max(w - crop_w + stride_w - 1, 0) // stride_w + 1):
+        y2, x2 = min(i * stride_h + crop_h, h), min(j * stride_w + crop_w, w)
+        y1, x1 = max(y2 - crop_h, 0), max(x2 - crop_w, 0)
+        window = x[y1:y2, x1:x2]
+        pad = (-window.shape[0] % size_divisor, -window.shape[1] % size_divisor)
+        window = np.pad(window, ((0, pad[0]), (0, pad[1]), (0, 0)))  # 0 after normalisation
+        out = np.asarray(model(jnp.asarray(window[None])))[0, :y2 - y1, :x2 - x1]
+        if total is None:
+          total = np.zeros((h, w, out.shape[-1]))
+        total[y1:y2, x1:x2] += out
+        count[y1:y2, x1:x2] += 1
+    return total / count
+
+  probabilities = []
+  for scale in scales:
+    size = (int(np.floor(height * scale + 0.5)), int(np.floor(width * scale + 0.5)))
+    scaled = np.asarray(jax.image.resize(image, (*size, 3), 'bilinear', antialias=False))
+    for flipped in ((False, True) if flip else (False,)):
+      logits = logits_of(scaled[:, ::-1] if flipped else scaled)
+      logits = logits[:, ::-1] if flipped else logits
+      logits = np.asarray(jax.image.resize(logits, (height, width, logits.shape[-1]),
+                                           'bilinear', antialias=False))
+      e = np.exp(logits - logits.max(-1, keepdims=True))
+      probabilities.append(e / e.sum(-1, keepdims=True))
+  return np.mean(probabilities, axis=0)
+
+
+@pytest.mark.parametrize('protocol', sorted(_PROTOCOLS))
+def test_image_alone_equals_image_in_batch_with_a_larger_one(protocol):
+  small, large = _random_images(((13, 18), (24, 29)))
+  alone = inference.predict_image_probabilities(_conv_model, small, size_divisor=_DIVISOR,
+                                                **_PROTOCOLS[protocol])
+  canvas, sizes = _canvas([small, large])
+  in_batch = inference.predict_probabilities(_conv_model, canvas, sizes, size_divisor=_DIVISOR,
+                                             **_PROTOCOLS[protocol])
+  np.testing.assert_allclose(in_batch[0, :13, :18], alone, atol=2e-6)
+  assert float(jnp.max(jnp.abs(in_batch[0, 13:]))) == 0.0  # Nothing outside the image.
+  if protocol == 'whole':  # The model sees context: the canvas would change the prediction.
+    canvas_alone = inference.predict_probabilities(_conv_model, canvas[:1], None,
+                                                   size_divisor=_DIVISOR, **_PROTOCOLS[protocol])
+    assert float(jnp.max(jnp.abs(canvas_alone[0, :13, :18] - alone))) > 1e-3
+
+
+@pytest.mark.parametrize('protocol', sorted(_PROTOCOLS))
+def test_probabilities_equal_plain_per_image_reference(protocol):
+  # Multi-scale + flip: two images (each size at each scale is a program to compile).
+  images = _random_images(_SIZES[:2] if protocol == 'multiscale_flip' else _SIZES)
+  canvas, sizes = _canvas(images)
+  got = inference.predict_probabilities(_conv_model, canvas, sizes, size_divisor=_DIVISOR,
+                                        **_PROTOCOLS[protocol])
+  for i, image in enumerate(images):
+    expected = _plain_reference(_conv_model, image, **_PROTOCOLS[protocol])
+    h, w = image.shape[:2]
+    np.testing.assert_allclose(got[i, :h, :w], expected, atol=1e-5, err_msg=f'image {i}')
+    assert float(jnp.sum(jnp.abs(got[i, h:])) + jnp.sum(jnp.abs(got[i, :, w:]))) == 0.0
+
+
+def test_plan_groups_images_by_padded_window():
+  # 512 crop, stride 341, scale 1 and 0.5: ADE20K-like 512x683 and 683x512 images.
+  units = inference.plan([[512, 683], [683, 512], [512, 512], [0, 0]], mode='sliding',
+                         scales=(0.5, 1.0), crop_size=(512, 512), stride=(341, 341))
+  assert units == [
+      inference.Unit(0.5, (256, 256), 1),  # 256x256
+      inference.Unit(0.5, (256, 352), 1),  # 256x342 -> padded to 352
+      inference.Unit(0.5, (352, 256), 1),
+      inference.Unit(1.0, (512, 512), 2),  # Two windows at most (683 long side).
+  ]

@@ -1,0 +1,133 @@
+"""The segmentation evaluator infers each image on its own (per-image protocol, issue 17)."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ddep_jax import evaluate
+from ddep_jax import inference
+from ddep_jax import metrics
+from ddep_jax import sharding
+from ddep_jax.data import input_pipeline
+
+_NUM_CLASSES = 4
+_CONV = jnp.asarray(np.random.default_rng(5).normal(size=(3, 3, 3, _NUM_CLASSES)) / 3,
+                    jnp.float32)
+
+
+class _ConvModel:
+  """A deterministic stand-in with the model's `apply` signature: a fixed 3x3 conv plus a
+  global-mean term, so both borders and the whole input change the output."""
+
+  def apply(self, variables, images, train):
+    del variables, train
+    local = jax.lax.conv_general_dilated(images, _CONV, (1, 1), 'SAME',
+                                         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return local + 2.0 * jnp.mean(images, axis=(1, 2), keepdims=True) @ _CONV[1, 1], {}
+
+
+def _config(num_classes, **protocol):
+  config = ml_collections.ConfigDict(dict(
+      task='segment', num_classes=num_classes, mesh=(('data', -1),),
+      model=ml_collections.ConfigDict(dict(name='transunet'))))
+  val = input_pipeline.default_eval_config()
+  val.batch_size = 8
+  val.update(dict(mode='whole', scales=(1.0,), flip=False, crop_size=None, stride=None))
+  val.update(protocol)
+  return config, val
+
+
+def _batches(images, labels, batch_size=8):
+  """Eval batches as the pipeline makes them: a -1 canvas, label 255, invalid padding rows."""
+  height = -(-max(x.shape[0] for x in images) // 8) * 8
+  width = -(-max(x.shape[1] for x in images) // 8) * 8
+  out = []
+  for start in range(0, len(images), batch_size):
+    batch = dict(image=np.full((batch_size, height, width, 3), -1.0, np.float32),
+                 label=np.full((batch_size, height, width), 255, np.int32),
+                 orig_size=np.zeros((batch_size, 2), np.int32),
+                 valid=np.zeros((batch_size,), bool),
+                 id_hash=np.zeros((batch_size,), np.int32))
+    for i, (x, y) in enumerate(zip(images[start:start + batch_size],
+                                   labels[start:start + batch_size])):
+      h, w = y.shape
+      batch['image'][i, :h, :w], batch['label'][i, :h, :w] = x, y
+      batch['orig_size'][i], batch['valid'][i] = (h, w), True
+    out.append(batch)
+  return out
+
+
+def _run(monkeypatch, config, val, model, params, batches):
+  monkeypatch.setattr(input_pipeline, 'get_eval_dataset', lambda *a, **k: (batches, len(batches)))
+  monkeypatch.setattr(input_pipeline, 'dataset_info', lambda *a, **k: {})
+  compute = metrics.ConfusionMatrix.compute  # Also hand back the matrix the evaluator summed.
+  monkeypatch.setattr(metrics.ConfusionMatrix, 'compute',
+                      lambda self, *a: dict(compute(self, *a), confusion=self.matrix.copy()))
+  evaluator = evaluate.Evaluator('val', config, val, model, sharding.make_mesh(config))
+  return evaluator.run(params)
+
+
+def test_confusion_over_mixed_size_split_equals_per_image_sum(monkeypatch):
+  protocol = dict(mode='sliding', crop_size=(16, 16), stride=(11, 11), flip=True)
+  # Three sizes (the per-image reference compiles once per size); two batches of 8, the
+  # second mostly padding.
+  sizes = [(13, 21), (24, 17), (9, 12)] * 3
+  rng = np.random.default_rng(0)
+  images = [rng.uniform(-1, 1, (h, w, 3)).astype(np.float32) for h, w in sizes]
+  labels = [rng.integers(0, _NUM_CLASSES, (h, w)).astype(np.int32) for h, w in sizes]
+  labels[0][:3] = 255  # Ignored pixels stay ignored.
+  config, val = _config(_NUM_CLASSES, **protocol)
+  results, _ = _run(monkeypatch, config, val, _ConvModel(), {}, _batches(images, labels))
+
+  predict = jax.jit(lambda x: _ConvModel().apply({}, x, train=False)[0])
+  expected = np.zeros((_NUM_CLASSES, _NUM_CLASSES), np.int64)
+  for image, label in zip(images, labels):  # One image at a time, nothing else in its batch.
+    probs = inference.predict_image_probabilities(predict, image, size_divisor=16, **protocol)
+    expected += np.asarray(metrics.confusion_matrix(
+        jnp.asarray(label[None]), jnp.argmax(probs, -1)[None], _NUM_CLASSES))
+  np.testing.assert_array_equal(np.asarray(results['confusion']), expected)
+  assert np.sum(expected) == sum(h * w for h, w in sizes) - 3 * 21
+
+
+def _old_halves_probabilities(predict, images, crop):
+  """The pre-issue-17 path for full frames, as it was: static halves of the canvas, each with its
+  flip, softmax averaged in one program (what the Cityscapes numbers were computed with)."""
+  width = images.shape[2]
+  probabilities = 0.0
+  for flipped in (False, True):
+    x = images[:, :, ::-1] if flipped else images
+    windows = jnp.concatenate([x[:, :, l:l + crop] for l in range(0, width, crop)], axis=0)
+    logits = predict(windows).astype(jnp.float32)
+    batch = images.shape[0]
+    total = jnp.zeros(images.shape[:3] + (logits.shape[-1],), jnp.float32)
+    count = jnp.zeros(images.shape[:3] + (1,), jnp.float32)
+    for i, l in enumerate(range(0, width, crop)):
+      total = total.at[:, :, l:l + crop].add(logits[i * batch:(i + 1) * batch])
+      count = count.at[:, :, l:l + crop].add(1.0)
+    logits = total / count
+    if flipped:
+      logits = logits[:, :, ::-1]
+    probabilities = probabilities + jax.nn.softmax(logits, axis=-1)
+  return probabilities / 2
+
+
+def test_cityscapes_halves_stay_bitwise_as_before(monkeypatch):
+  # The Cityscapes protocol in miniature (configs/cityscapes.py runlocal): 32x64 frames, two
+  # 32x32 halves with flips. (The same holds with the tiny TransUNet; the conv stand-in keeps
+  # the test fast.)
+  config, val = _config(_NUM_CLASSES, **inference.CITYSCAPES_HALVES)
+  val.crop_size, val.stride = (32, 32), (32, 32)
+  model, params = _ConvModel(), {}
+  rng = np.random.default_rng(1)
+  images = [rng.uniform(-1, 1, (32, 64, 3)).astype(np.float32) for _ in range(7)]
+  labels = [rng.integers(0, _NUM_CLASSES, (32, 64)).astype(np.int32) for _ in range(7)]
+  batch = _batches(images, labels)[0]
+  results, summary = _run(monkeypatch, config, val, model, params, [batch])
+
+  old = jax.jit(lambda p, x: _old_halves_probabilities(
+      lambda w: model.apply({'params': p}, w, train=False)[0], x, 32))(params, batch['image'])
+  predictions = jnp.argmax(old, -1).astype(jnp.int32)
+  expected = metrics.confusion_matrix(jnp.asarray(batch['label']), predictions, _NUM_CLASSES,
+                                      valid=jnp.asarray(batch['valid']))
+  np.testing.assert_array_equal(np.asarray(results['confusion']), np.asarray(expected))
