@@ -14,7 +14,6 @@ batch (`valid == False`) and pixels labelled 255 never count.
 """
 
 import functools
-import json
 import os
 from typing import Any, Mapping
 
@@ -28,6 +27,7 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
+from ddep_jax import fileio
 from ddep_jax import inference
 from ddep_jax import metrics
 from ddep_jax import objectives
@@ -212,11 +212,8 @@ def write_results(workdir: str, name: str, results: Mapping, *, step: int, final
   """Writes `<workdir>/results/<name>.json` (process 0 only); returns its path."""
   path = os.path.join(workdir, 'results', f'{name}.json')
   if jax.process_index() == 0:
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    payload = dict(results, step=int(step), final=bool(final), eval_name=name)
-    with tf.io.gfile.GFile(path + '.tmp', 'w') as f:
-      json.dump(payload, f, indent=2, sort_keys=True, allow_nan=True)
-    tf.io.gfile.rename(path + '.tmp', path, overwrite=True)
+    # Atomic (temp file + rename): a kill never leaves a truncated results file behind.
+    fileio.write_json(path, dict(results, step=int(step), final=bool(final), eval_name=name))
   return path
 
 

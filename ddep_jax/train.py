@@ -16,7 +16,6 @@ Order of initialisation (first that applies):
 """
 
 import math
-import os
 from typing import Any, Mapping
 
 from absl import logging
@@ -28,15 +27,16 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 
 from ddep_jax import checkpoints
 from ddep_jax import evaluate
+from ddep_jax import fileio
 from ddep_jax import models
 from ddep_jax import objectives
 from ddep_jax import optimizer as optimizer_lib
 from ddep_jax import sharding
 from ddep_jax import train_step as train_step_lib
+from ddep_jax import workdir_lock
 from ddep_jax.data import input_pipeline
 from ddep_jax.models import pretrained
 
@@ -179,9 +179,8 @@ def _resample_position_embedding(loaded: Mapping, params: Mapping, config) -> Ma
 def _save_config(config, workdir):
   if jax.process_index() != 0:
     return
-  tf.io.gfile.makedirs(workdir)
-  with tf.io.gfile.GFile(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  fileio.write_text(fileio.join(workdir, 'config.json'),
+                    config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _meta(config, step):
@@ -189,10 +188,18 @@ def _meta(config, step):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the final evaluation results by name."""
-  # -- Mesh --------------------------------------------------------------------------------------
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation results by name.
+
+  Raises workdir_lock.WorkdirInUseError when another live run uses `workdir`.
+  """
   sharding.initialize_distributed(config)
   check_config(config)
+  with workdir_lock.locked(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  # -- Mesh --------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config)
   is_main = jax.process_index() == 0
   _save_config(config, workdir)
@@ -211,12 +218,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   save_every_steps=config.checkpoint_every_steps)
   state, state_shardings = train_step_lib.create_train_state(config, model, opt, mesh,
                                                               _image_shape(config))
-  latest = ckpt.latest_step()
-  if latest is not None:
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-    state = ckpt.restore(latest, abstract_state)
-    start_step = int(latest)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+  try:
+    # The newest checkpoint that reads back completely; damaged ones are moved aside.
+    resumed = ckpt.restore_latest(abstract_state)
+  except BaseException:
+    ckpt.close()
+    raise
+  if resumed is not None:
+    state, start_step = resumed
     logging.info('Resumed from %s at step %d.', ckpt.directory, start_step)
   else:
     # The optimizer state does not depend on parameter values (Adam moments start at zero), so

@@ -19,6 +19,8 @@ from collections.abc import Iterable
 
 import tensorflow as tf
 
+from ddep_jax import fileio
+
 
 def subset_size(num_examples: int, *, label_fraction: float | None = None,
                 label_count: int | None = None) -> int:
@@ -71,11 +73,7 @@ def write_split_file(path: str, ids: Iterable[str]) -> None:
     if not i or any(c.isspace() for c in i):
       raise ValueError(f'Cannot write id {i!r} to split file {path}: ids must be non-empty and '
                        'contain no whitespace.')
-  parent = path.rsplit('/', 1)[0] if '/' in path else ''
-  if parent:
-    tf.io.gfile.makedirs(parent)
-  with tf.io.gfile.GFile(path, 'w') as f:
-    f.write(''.join(f'{i}\n' for i in ids))
+  fileio.write_text(path, ''.join(f'{i}\n' for i in ids))  # Atomic: never half a file.
 
 
 def id_from_split_line(line: str) -> str:
