@@ -296,6 +296,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         return {}
       if step < total_steps:
         run_evals(step, final=False)
+    ckpt.wait()  # Final results only once the final checkpoint is complete (or its error raised).
     final_results = run_evals(step, final=True)
   finally:
     ckpt.close()
