@@ -158,7 +158,8 @@ class Checkpointer:
     """
     if step in self._manager.all_steps():
       return False
-    self._check_previous_save()
+    # Orbax waits for the previous save anyway; waiting here attributes its error to its step.
+    self.wait()
     try:
       saved = self._manager.save(
           step, args=ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),

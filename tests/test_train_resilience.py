@@ -1,0 +1,225 @@
+"""The train loop survives what a preemptible pod does to it, and ends bitwise where it would have.
+
+A run SIGKILLed at random moments of its life and restarted each time, a damaged newest
+checkpoint, a failing save, and a second run started on a workdir in use. Every run is compared
+with one uninterrupted reference run (in-process, shared by the module's tests).
+"""
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ddep_jax import checkpoints
+from ddep_jax import train
+from ddep_jax import workdir_lock
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from test_checkpoints import _fail_finalize, _garble_metadata, _truncate_data
+from test_train import _config, _flat, _main_command, _subprocess_env
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+STEPS = 6
+ARG = dict(task='segment', steps=STEPS, checkpoint_every=2)
+
+
+@pytest.fixture(scope='module')
+def reference(digit_scenes_dir, tmp_path_factory):
+  """The uninterrupted run: its workdir holds checkpoints 1, 2, 4, 6 and results/val.json."""
+  workdir = tmp_path_factory.mktemp('reference')
+  train.train_and_evaluate(_config(digit_scenes_dir, **ARG), str(workdir))
+  params = _flat(checkpoints.load_params(str(workdir))[0])
+  return workdir, params, (workdir / 'results' / 'val.json').read_bytes()
+
+
+def _copy_until(reference_dir, target, last_step):
+  """The reference workdir as a run killed right after its `last_step` checkpoint leaves it."""
+  shutil.copytree(reference_dir, target)
+  shutil.rmtree(target / 'results')
+  for name in os.listdir(target / 'checkpoints'):
+    if int(name) > last_step:
+      shutil.rmtree(target / 'checkpoints' / name)
+
+
+def _assert_equals_reference(workdir, reference):
+  _, params, results = reference
+  final, step = checkpoints.load_params(str(workdir))
+  assert step == STEPS
+  final = _flat(final)
+  assert final.keys() == params.keys()
+  for k in params:
+    np.testing.assert_array_equal(final[k], params[k], err_msg=k)
+  assert (workdir / 'results' / 'val.json').read_bytes() == results
+
+
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(digit_scenes_dir, tmp_path,
+                                                                 reference, caplog):
+  workdir = tmp_path / 'run'
+  _copy_until(reference[0], workdir, last_step=4)
+  _truncate_data(workdir / 'checkpoints' / '4')
+  # A killed run's lock names a dead pid: taken over.
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  (workdir / 'run.lock').write_text(json.dumps({'host': socket.gethostname(), 'pid': dead.pid}))
+  train.train_and_evaluate(_config(digit_scenes_dir, **ARG), str(workdir))
+  _assert_equals_reference(workdir, reference)
+  assert (workdir / 'checkpoints' / '4.corrupt').is_dir()
+  messages = [r.getMessage() for r in caplog.records]
+  assert any('step 4' in m and 'is damaged' in m for m in messages)
+
+
+def test_all_checkpoints_damaged_stops_instead_of_starting_afresh(digit_scenes_dir, tmp_path,
+                                                                  reference):
+  workdir = tmp_path / 'run'
+  _copy_until(reference[0], workdir, last_step=2)
+  for name in os.listdir(workdir / 'checkpoints'):
+    _garble_metadata(workdir / 'checkpoints' / name)
+  with pytest.raises(checkpoints.NoReadableCheckpointError, match='1.corrupt, .*2.corrupt'):
+    train.train_and_evaluate(_config(digit_scenes_dir, **ARG), str(workdir))
+  assert not (workdir / 'results').exists()
+
+
+def test_failing_save_stops_the_run_and_keeps_the_previous_checkpoint(digit_scenes_dir, tmp_path,
+                                                                      reference, monkeypatch):
+  workdir = tmp_path / 'run'
+  _copy_until(reference[0], workdir, last_step=2)
+  _fail_finalize(monkeypatch)  # No space left on device, from the next save on.
+  with pytest.raises(checkpoints.CheckpointWriteError) as error:
+    train.train_and_evaluate(_config(digit_scenes_dir, **ARG), str(workdir))
+  monkeypatch.undo()
+  assert 'step 4' in str(error.value) and 'No space left on device' in str(error.value)
+  assert 'step 2 is complete' in str(error.value)
+  params, step = checkpoints.load_params(str(workdir))
+  assert step == 2
+  expected = _flat(checkpoints.load_params(str(reference[0]), 2)[0])
+  for k, v in _flat(params).items():
+    np.testing.assert_array_equal(v, expected[k], err_msg=k)
+  assert not (workdir / 'results').exists()
+
+
+def test_second_run_on_a_workdir_in_use_is_refused(digit_scenes_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  with workdir_lock.locked(str(workdir)):
+    with pytest.raises(workdir_lock.WorkdirInUseError, match=f'pid {os.getpid()}'):
+      train.train_and_evaluate(_config(digit_scenes_dir, **ARG), str(workdir))
+  assert os.listdir(workdir) == ['run.lock']  # Refused before touching anything.
+
+
+# -- Kill at any moment ---------------------------------------------------------------------------
+
+class _Life:
+  """One start of the trainer as a subprocess, with its log and its workdir watched."""
+
+  def __init__(self, arg, workdir):
+    self.workdir = workdir
+    self.started = time.time()
+    self.process = subprocess.Popen(_main_command(arg, workdir), env=_subprocess_env(),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    self.lines = []
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self):
+    for line in self.process.stderr:
+      self.lines.append(line)
+
+  def logged(self, text):
+    return any(text in line for line in list(self.lines))
+
+  def wait_for(self, condition, timeout=300):
+    """Polls until `condition()` or the process ends; True when the condition came first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      if condition():
+        return True
+      if self.process.poll() is not None:
+        return condition()
+      time.sleep(0.002)
+    raise TimeoutError('the trainer neither reached the kill point nor ended:\n' +
+                       ''.join(self.lines[-20:]))
+
+  def kill(self):
+    self.process.kill()
+    self.process.wait()
+    self._reader.join(timeout=10)
+
+  def finish(self):
+    assert self.process.wait(timeout=600) == 0, ''.join(self.lines[-30:])
+    self._reader.join(timeout=10)
+
+
+def _complete_steps(workdir):
+  directory = workdir / 'checkpoints'
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if directory.exists() else []
+
+
+def _tmp_dirs(workdir):
+  directory = workdir / 'checkpoints'
+  return [d for d in os.listdir(directory) if 'tmp' in d] if directory.exists() else []
+
+
+def _plan(rng, n):
+  """`n` kill points in the order of a run's life, each phase at least once."""
+  kinds = ['start', 'after_step', 'in_save', 'in_eval', 'in_results']
+  kinds += rng.choices(['start', 'after_step', 'in_save', 'in_eval'], k=n - len(kinds))
+  order = {k: i for i, k in enumerate(['start', 'after_step', 'in_save', 'in_eval',
+                                       'in_results'])}
+  return sorted(kinds, key=order.get)
+
+
+def test_run_killed_at_random_moments_ends_bitwise_equal(digit_scenes_dir, tmp_path, reference):
+  rng = random.Random(20)
+  arg = ','.join(f'{k}={v}' for k, v in dict(ARG, data_dir=digit_scenes_dir).items())
+  workdir = tmp_path / 'run'
+  began = time.time()
+  hit = []
+  for kind in _plan(rng, n=9):
+    life = _Life(arg, workdir)
+    done = _complete_steps(workdir)
+    if kind == 'start':  # Restoring / compiling / loading the data, before the first step ends.
+      delay = rng.uniform(0.0, 2.0)
+      life.wait_for(lambda: life.logged('Initialised from') or life.logged('Resumed from'))
+      time.sleep(delay)
+      point = f'start+{delay:.2f}s after init'
+    elif kind == 'after_step':  # Between steps: right after a step's metrics were logged.
+      steps = [s for s in range(2, STEPS, 2) if s > (done or [0])[-1]] or [STEPS]
+      step = rng.choice(steps)
+      life.wait_for(lambda: life.logged(f'[{step}] train/grad_norm'))
+      point = f'after step {step}'
+    elif kind == 'in_save':  # Inside an asynchronous save: its temporary directory exists.
+      pending = [s for s in (2, 4, 6) if s not in done] or [STEPS]
+      step = rng.choice(pending)
+      life.wait_for(lambda: any(d.startswith(f'{step}.') for d in _tmp_dirs(workdir)))
+      point = f'in save of step {step}'
+    elif kind == 'in_eval':  # Final checkpoint complete, evaluation under way.
+      delay = rng.uniform(0.0, 1.0)
+      life.wait_for(lambda: STEPS in _complete_steps(workdir))
+      time.sleep(delay)
+      point = f'eval, {delay:.2f}s after the final checkpoint'
+    else:  # While writing results: as soon as the results directory appears.
+      life.wait_for(lambda: (workdir / 'results').exists())
+      point = 'writing results'
+    ended_by_itself = life.process.poll() is not None
+    life.kill()
+    hit.append(f'{point}{" (had ended by itself)" if ended_by_itself else ""} -> '
+               f'checkpoints {_complete_steps(workdir)}, tmp {_tmp_dirs(workdir)}, results '
+               f'{sorted(os.listdir(workdir / "results")) if (workdir / "results").exists() else []}')
+  final = _Life(arg, workdir)
+  final.finish()
+  duration = time.time() - began
+  print(f'\nKill points ({duration:.1f}s for {len(hit)} kills and the final restart):\n  ' +
+        '\n  '.join(hit))
+  assert sum('ended by itself' not in h for h in hit) >= 8, hit
+  assert any('in save' in h and 'ended by itself' not in h and '.orbax-checkpoint-tmp' in h
+             for h in hit), hit
+  _assert_equals_reference(workdir, reference)
+  assert not _tmp_dirs(workdir)
