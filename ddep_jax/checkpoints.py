@@ -42,6 +42,9 @@ from ddep_jax import fileio
 STATE = 'state'
 META = 'meta'
 _DAMAGED_SUFFIX = '.corrupt'
+# TensorStore status codes of a storage that cannot be reached now, not of damaged files.
+_NOT_DAMAGE = ('PERMISSION_DENIED', 'UNAUTHENTICATED', 'UNAVAILABLE', 'DEADLINE_EXCEEDED',
+               'RESOURCE_EXHAUSTED', 'CANCELLED')
 
 
 class DamagedCheckpointError(ValueError):
@@ -100,7 +103,9 @@ def verify_checkpoint(step_dir: str, *, arrays_prefix: str = '') -> None:
                         open=True, read=True, context=context).result()
         array.read().result()
   except Exception as e:  # pylint: disable=broad-exception-caught
-    # Any failure to read a committed checkpoint is damage: the writer only renames complete ones.
+    if isinstance(e, PermissionError) or str(e).startswith(_NOT_DAMAGE):
+      raise  # The storage, not the checkpoint: moving it aside would not help.
+    # Any other failure to read a committed checkpoint is damage: only complete ones are renamed.
     raise DamagedCheckpointError(_one_line(e)) from e
 
 
