@@ -10,6 +10,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -117,45 +118,89 @@ def test_second_run_on_a_workdir_in_use_is_refused(digit_scenes_dir, tmp_path):
 
 # -- Kill at any moment ---------------------------------------------------------------------------
 
-class _Life:
-  """One start of the trainer as a subprocess, with its log and its workdir watched."""
+class _ForkServer:
+  """tests/fork_server.py: trainer starts without re-importing TensorFlow and JAX each time."""
 
-  def __init__(self, arg, workdir):
-    self.workdir = workdir
-    self.started = time.time()
-    self.process = subprocess.Popen(_main_command(arg, workdir), env=_subprocess_env(),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    self.lines = []
+  def __init__(self):
+    self.process = subprocess.Popen(
+        [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                      'fork_server.py')],
+        env=_subprocess_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self._started = []
+    self.exit_codes = {}
     self._reader = threading.Thread(target=self._read, daemon=True)
     self._reader.start()
 
   def _read(self):
-    for line in self.process.stderr:
-      self.lines.append(line)
+    for line in self.process.stdout:
+      event, pid, *code = line.split()
+      if event == 'started':
+        self._started.append(int(pid))
+      else:
+        self.exit_codes[int(pid)] = int(code[0])
+
+  def start(self, args, log_path):
+    count = len(self._started)
+    self.process.stdin.write('\t'.join([str(log_path), *args]) + '\n')
+    self.process.stdin.flush()
+    deadline = time.time() + 60
+    while len(self._started) == count:
+      assert time.time() < deadline and self.process.poll() is None, 'fork server died'
+      time.sleep(0.001)
+    return self._started[-1]
+
+  def close(self):
+    self.process.stdin.close()
+    self.process.wait(timeout=60)
+
+
+class _Life:
+  """One start of the trainer (a forked child of the server), its log and workdir watched."""
+
+  def __init__(self, server, arg, workdir, log_path):
+    self.server = server
+    self.log_path = log_path
+    self.pid = server.start(_main_command(arg, workdir)[3:], log_path)
+    self._log = ''
+    self._offset = 0
 
   def logged(self, text):
-    return any(text in line for line in list(self.lines))
+    try:
+      with open(self.log_path, 'rb') as f:
+        f.seek(self._offset)
+        new = f.read()
+    except FileNotFoundError:  # The child has not opened it yet.
+      new = b''
+    self._offset += len(new)
+    self._log += new.decode('utf-8', errors='replace')
+    return text in self._log
+
+  def ended(self):
+    return self.pid in self.server.exit_codes
 
   def wait_for(self, condition, timeout=300):
-    """Polls until `condition()` or the process ends; True when the condition came first."""
+    """Polls until `condition()` or the trainer ends; True when the condition came first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
       if condition():
         return True
-      if self.process.poll() is not None:
+      if self.ended():
         return condition()
       time.sleep(0.002)
     raise TimeoutError('the trainer neither reached the kill point nor ended:\n' +
-                       ''.join(self.lines[-20:]))
+                       self._log[-3000:])
 
   def kill(self):
-    self.process.kill()
-    self.process.wait()
-    self._reader.join(timeout=10)
+    os.kill(self.pid, signal.SIGKILL)
+    self.finish(expect_success=False)
 
-  def finish(self):
-    assert self.process.wait(timeout=600) == 0, ''.join(self.lines[-30:])
-    self._reader.join(timeout=10)
+  def finish(self, expect_success=True):
+    deadline = time.time() + 600
+    while not self.ended() and time.time() < deadline:
+      time.sleep(0.01)
+    if expect_success:
+      self.logged('')
+      assert self.server.exit_codes.get(self.pid) == 0, self._log[-3000:]
 
 
 def _complete_steps(workdir):
@@ -184,8 +229,9 @@ def test_run_killed_at_random_moments_ends_bitwise_equal(digit_scenes_dir, tmp_p
   began = time.time()
   hit = []
   children = resource.getrusage(resource.RUSAGE_CHILDREN)
-  for kind in _plan(rng, n=8):
-    life = _Life(arg, workdir)
+  server = _ForkServer()
+  for i, kind in enumerate(_plan(rng, n=8)):
+    life = _Life(server, arg, workdir, tmp_path / f'life{i}.log')
     done = _complete_steps(workdir)
     if kind == 'start':  # Restoring / compiling / loading the data, before the first step ends.
       delay = rng.uniform(0.0, 2.0)
@@ -211,13 +257,14 @@ def test_run_killed_at_random_moments_ends_bitwise_equal(digit_scenes_dir, tmp_p
     else:  # While writing results: as soon as the results directory appears.
       life.wait_for(lambda: (workdir / 'results').exists())
       point = 'writing results'
-    ended_by_itself = life.process.poll() is not None
+    ended_by_itself = life.ended()
     life.kill()
     hit.append(f'{point}{" (had ended by itself)" if ended_by_itself else ""} -> '
                f'checkpoints {_complete_steps(workdir)}, tmp {_tmp_dirs(workdir)}, results '
                f'{sorted(os.listdir(workdir / "results")) if (workdir / "results").exists() else []}')
-  final = _Life(arg, workdir)
+  final = _Life(server, arg, workdir, tmp_path / 'final.log')
   final.finish()
+  server.close()
   duration = time.time() - began
   used = resource.getrusage(resource.RUSAGE_CHILDREN)
   cpu = used.ru_utime + used.ru_stime - children.ru_utime - children.ru_stime
