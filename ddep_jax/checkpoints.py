@@ -62,7 +62,7 @@ class CheckpointWriteError(RuntimeError):
 def _one_line(error: BaseException) -> str:
   """The first line of an error, prefixed by its type, cut to a readable length."""
   text = str(error).strip().splitlines()[0] if str(error).strip() else ''
-  text = f'{type(error).__name__}: {text.split(" [tensorstore_spec")[0]}'  # Drop TensorStore's specs.
+  text = f'{type(error).__name__}: {text.split(" [tensorstore_spec")[0]}'  # Drop its specs.
   return text if len(text) <= 600 else text[:597] + '...'
 
 

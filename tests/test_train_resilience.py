@@ -2,7 +2,8 @@
 
 A run SIGKILLed at random moments of its life and restarted each time, a damaged newest
 checkpoint, a failing save, and a second run started on a workdir in use. Every run is compared
-with one uninterrupted reference run (in-process, shared by the module's tests).
+with one uninterrupted reference run (in-process, shared by the module's tests). The killed run's
+restarts are forked from tests/fork_server.py, which imports TensorFlow and JAX once for all.
 """
 
 import json
@@ -259,9 +260,9 @@ def test_run_killed_at_random_moments_ends_bitwise_equal(digit_scenes_dir, tmp_p
       point = 'writing results'
     ended_by_itself = life.ended()
     life.kill()
-    hit.append(f'{point}{" (had ended by itself)" if ended_by_itself else ""} -> '
-               f'checkpoints {_complete_steps(workdir)}, tmp {_tmp_dirs(workdir)}, results '
-               f'{sorted(os.listdir(workdir / "results")) if (workdir / "results").exists() else []}')
+    results = sorted(os.listdir(workdir / 'results')) if (workdir / 'results').exists() else []
+    hit.append(f'{point}{" (had ended by itself)" if ended_by_itself else ""} -> checkpoints '
+               f'{_complete_steps(workdir)}, tmp {_tmp_dirs(workdir)}, results {results}')
   final = _Life(server, arg, workdir, tmp_path / 'final.log')
   final.finish()
   server.close()
