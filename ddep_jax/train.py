@@ -36,6 +36,7 @@ from ddep_jax import objectives
 from ddep_jax import optimizer as optimizer_lib
 from ddep_jax import sharding
 from ddep_jax import train_step as train_step_lib
+from ddep_jax import workdir_lock
 from ddep_jax.data import input_pipeline
 from ddep_jax.models import pretrained
 
@@ -187,10 +188,18 @@ def _meta(config, step):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the final evaluation results by name."""
-  # -- Mesh --------------------------------------------------------------------------------------
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation results by name.
+
+  Raises workdir_lock.WorkdirInUseError when another live run uses `workdir`.
+  """
   sharding.initialize_distributed(config)
   check_config(config)
+  with workdir_lock.locked(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  # -- Mesh --------------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config)
   sharding.check_batch_sizes(config, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
@@ -210,12 +219,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   save_every_steps=config.checkpoint_every_steps)
   state, state_shardings = train_step_lib.create_train_state(config, model, opt, mesh,
                                                               _image_shape(config))
-  latest = ckpt.latest_step()
-  if latest is not None:
-    abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-    state = ckpt.restore(latest, abstract_state)
-    start_step = int(latest)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+  try:
+    # The newest checkpoint that reads back completely; damaged ones are moved aside.
+    resumed = ckpt.restore_latest(abstract_state)
+  except BaseException:
+    ckpt.close()
+    raise
+  if resumed is not None:
+    state, start_step = resumed
     logging.info('Resumed from %s at step %d.', ckpt.directory, start_step)
   else:
     # The optimizer state does not depend on parameter values (Adam moments start at zero), so
@@ -293,6 +306,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {}
       if step < total_steps:
         run_evals(step, final=False)
+    ckpt.wait()  # Final results only once the final checkpoint is complete (or its error raised).
     final_results = run_evals(step, final=True)
   finally:
     ckpt.close()

@@ -90,3 +90,133 @@ def test_merge_params_reports_every_problem_with_paths_and_shapes():
   assert 'in model but not in checkpoint: encoder/b' in message
   assert 'in checkpoint but not in model: encoder/c' in message
   assert 'shape mismatch at encoder/a: checkpoint (2, 5) vs model (2, 2)' in message
+
+
+# -- Damage and failing writes --------------------------------------------------------------------
+
+def _data_files(step_dir):
+  # The merged OCDBT database's data files (ocdbt.process_*/ hold the unmerged per-process copies).
+  return sorted(p for p in step_dir.glob('state/d/*') if p.is_file())
+
+
+def _truncate_data(step_dir):
+  for path in _data_files(step_dir):
+    with open(path, 'r+b') as f:
+      f.truncate(path.stat().st_size // 3)
+
+
+def _delete_data(step_dir):
+  os.remove(_data_files(step_dir)[-1])
+
+
+def _garble_metadata(step_dir):
+  (step_dir / 'state' / '_METADATA').write_bytes(b'\x00garbage{')
+
+
+def _garble_data(step_dir):
+  for path in _data_files(step_dir):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
+    path.write_bytes(bytes(data))
+
+
+def _delete_manifest(step_dir):
+  os.remove(step_dir / 'state' / 'manifest.ocdbt')
+
+
+DAMAGE = {'truncated': _truncate_data, 'deleted': _delete_data,
+          'garbled_metadata': _garble_metadata, 'garbled_data': _garble_data,
+          'no_manifest': _delete_manifest}
+
+
+def _saved_run(tmp_path, steps=(2, 4)):
+  mesh = jax.make_mesh((8,), ('data',))
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=5)
+  for step in steps:
+    state = _state(mesh)
+    state['params']['head']['bias'] = state['params']['head']['bias'] + step
+    ckpt.save(step, state, {'step': step})
+    ckpt.wait()
+  ckpt.close()
+  return mesh
+
+
+@pytest.mark.parametrize('damage', sorted(DAMAGE))
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_restored(
+    tmp_path, damage, capfd, caplog):
+  mesh = _saved_run(tmp_path)
+  directory = tmp_path / 'checkpoints'
+  DAMAGE[damage](directory / '4')
+  capfd.readouterr()
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=5)
+  state, step = ckpt.restore_latest(_abstract(_state(mesh), mesh))
+  assert step == 2
+  np.testing.assert_array_equal(state['params']['head']['bias'], [4.0, 4.0, 4.0])
+  # Moved aside, not deleted; Orbax no longer sees it, so step 4 can be saved again.
+  assert (directory / '4.corrupt').is_dir() and not (directory / '4').exists()
+  assert ckpt.latest_step() == 2
+  assert ckpt.save(4, _state(mesh), {'step': 4})
+  ckpt.close()
+  lines = [r.getMessage() for r in caplog.records if 'is damaged' in r.getMessage()]
+  assert len(lines) == 1 and 'step 4' in lines[0] and str(directory / '4') in lines[0]
+  assert '\n' not in lines[0]
+  assert 'Event loop is closed' not in ''.join(capfd.readouterr())
+
+
+def test_all_checkpoints_damaged_stops_with_a_message(tmp_path, capfd):
+  mesh = _saved_run(tmp_path)
+  directory = tmp_path / 'checkpoints'
+  _truncate_data(directory / '4')
+  _garble_metadata(directory / '2')
+  for _ in range(2):  # The first start moves them aside; a second start must not begin afresh.
+    ckpt = checkpoints.Checkpointer(str(tmp_path), keep=5)
+    with pytest.raises(checkpoints.NoReadableCheckpointError) as error:
+      ckpt.restore_latest(_abstract(_state(mesh), mesh))
+    ckpt.close()
+    message = str(error.value)
+    assert '2.corrupt' in message and '4.corrupt' in message and 'new --workdir' in message
+  assert 'Event loop is closed' not in ''.join(capfd.readouterr())
+
+
+def test_load_params_of_a_damaged_checkpoint_names_the_file(tmp_path, capfd):
+  _saved_run(tmp_path)
+  _truncate_data(tmp_path / 'checkpoints' / '4')
+  capfd.readouterr()
+  with pytest.raises(checkpoints.DamagedCheckpointError) as error:
+    checkpoints.load_params(str(tmp_path))
+  message = str(error.value)
+  assert message.startswith(f'The checkpoint {tmp_path}/checkpoints/4 cannot be read')
+  assert 'Requested byte range' in message and '\n' not in message
+  assert 'Event loop is closed' not in ''.join(capfd.readouterr())
+  assert checkpoints.load_params(str(tmp_path / 'checkpoints' / '2'))[1] == 2
+
+
+def _fail_finalize(monkeypatch):
+  """Makes the background part of every save fail as a full disk does."""
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+
+  async def no_space(self):
+    raise OSError(28, 'No space left on device', str(self.get()))
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, 'finalize', no_space)
+
+
+def test_failed_save_stops_with_a_message_and_keeps_the_previous_checkpoint(tmp_path,
+                                                                             monkeypatch):
+  mesh = _saved_run(tmp_path, steps=(2,))
+  ckpt = checkpoints.Checkpointer(str(tmp_path), keep=1)
+  _fail_finalize(monkeypatch)
+  ckpt.save(4, _state(mesh), {'step': 4})  # Asynchronous: the error comes at the next sync.
+  with pytest.raises(checkpoints.CheckpointWriteError) as error:
+    ckpt.wait()
+  ckpt.close()  # Raises the error once, not again while closing.
+  monkeypatch.undo()
+  message = str(error.value)
+  assert 'step 4' in message and 'No space left on device' in message
+  assert 'the checkpoint of step 2 is complete' in message
+  # Not taken for a checkpoint, and keep=1 did not delete step 2 for it.
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) in (['2'], ['2', '4.orbax-checkpoint-tmp'])
+  reopened = checkpoints.Checkpointer(str(tmp_path), keep=1)
+  state, step = reopened.restore_latest(_abstract(_state(mesh), mesh))
+  reopened.close()
+  assert step == 2
+  np.testing.assert_array_equal(state['params']['head']['bias'], [4.0, 4.0, 4.0])

@@ -71,7 +71,7 @@ def write_split_file(path: str, ids: Iterable[str]) -> None:
     if not i or any(c.isspace() for c in i):
       raise ValueError(f'Cannot write id {i!r} to split file {path}: ids must be non-empty and '
                        'contain no whitespace.')
-  fileio.write_text(path, ''.join(f'{i}\n' for i in ids))
+  fileio.write_text(path, ''.join(f'{i}\n' for i in ids))  # Atomic: never half a file.
 
 
 def id_from_split_line(line: str) -> str:
