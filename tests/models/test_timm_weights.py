@@ -17,9 +17,8 @@ from ddep_jax.models import model as model_lib
 from ddep_jax.models import pretrained
 from ddep_jax.models import timm_weights
 
-torch = pytest.importorskip('torch')
-pytest.importorskip('safetensors')
-from experiments import timm_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import timm_reference
+import torch  # The test extra's CPU build; timm is installed by the Makefile (--no-deps).
 
 timm_reference.import_timm()
 from safetensors import torch as safetensors_torch  # pylint: disable=g-import-not-at-top,wrong-import-position
