@@ -106,10 +106,11 @@ def test_timm_default_semantics_drift(tmp_path):
   drift = _rel(np.asarray(logits), timm_reference.logits(default, images))
   stage_drift = _rel(np.asarray(aux['block3']),
                      timm_reference.stage_features(default, images)['block3'])
-  # Measured here: ~1e-3 relative on the logits, ~1e-4 on block3: far above float32 round-off
-  # (the matched model agrees to ~1e-6), far below a mapping error (O(1)).
-  assert 1e-5 < drift < 2e-2, drift
-  assert 1e-6 < stage_drift < 1e-2, stage_drift
+  # Measured: 2.0e-4 relative on the logits, 2.3e-5 on block3 (full size: 1.9e-4 and 8.5e-4,
+  # docs/design.md): above float32 round-off (the matched model agrees to ~6e-6 and ~2e-6),
+  # far below a mapping error (O(1)).
+  assert 5e-5 < drift < 2e-3, drift
+  assert 5e-6 < stage_drift < 2e-3, stage_drift
 
 
 def test_posemb_resampling_vs_timm():
