@@ -42,6 +42,13 @@ def _timm_model(hybrid, vit_semantics=True, img_size=32):
   return timm_reference.randomize_(model, seed=1)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(hybrid):
+  """One compiled forward per tiny model, shared by the tests (compiling dominates their time)."""
+  model = model_lib.build_model(_tiny_config(hybrid), task='classify', num_classes=NUM_CLASSES)
+  return jax.jit(functools.partial(model.apply, train=False))
+
+
 def _init_params(config, size=(32, 32)):
   """Zero parameters with the classify model's shapes (values come from the checkpoint)."""
   model = model_lib.build_model(config, task='classify', num_classes=NUM_CLASSES)
@@ -77,8 +84,8 @@ def test_timm_checkpoint_matches_timm_forward(tmp_path, hybrid):
             for suffix in ('.safetensors', '.pth')}
   jax.tree.map(np.testing.assert_array_equal, loaded['.safetensors'], loaded['.pth'])
 
-  logits, aux = jax.jit(functools.partial(model.apply, train=False))(
-      {'params': loaded['.safetensors']}, images)
+  del model
+  logits, aux = _jitted_apply(hybrid)({'params': loaded['.safetensors']}, images)
   expected = timm_reference.logits(reference, images)
   assert _rel(np.asarray(logits), expected) < 1e-4, _rel(np.asarray(logits), expected)
   assert np.std(expected) > 0.1  # Not a trivially small comparison.
@@ -98,11 +105,11 @@ def test_timm_default_semantics_drift(tmp_path):
   """
   exact, default = _timm_model(True), _timm_model(True, vit_semantics=False)
   default.load_state_dict(exact.state_dict())
-  model, init = _init_params(_tiny_config(True))
+  _, init = _init_params(_tiny_config(True))
   params = pretrained.load_pretrained(init, _save(exact, tmp_path / 't.safetensors'),
                                       drop_head=False)
   images = _images()
-  logits, aux = model.apply({'params': params}, images, train=False)
+  logits, aux = _jitted_apply(True)({'params': params}, images)
   drift = _rel(np.asarray(logits), timm_reference.logits(default, images))
   stage_drift = _rel(np.asarray(aux['block3']),
                      timm_reference.stage_features(default, images)['block3'])
