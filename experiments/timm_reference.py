@@ -1,4 +1,4 @@
-"""timm's ViT and R50+ViT built with random weights, the reference for the timm loader's parity checks.
+"""timm's ViT and R50+ViT with random weights: the reference of the timm loader's parity checks.
 
 Used by tests/models/test_timm_weights.py (tiny models of the same timm classes) and by
 experiments/benchmarks/timm_parity.py (the full-size `vit_base_r50_s16_224`). Nothing is
@@ -90,7 +90,8 @@ def build_vit(*, hybrid: bool, img_size=224, embed_dim=768, depth=12, num_heads=
   """
   timm = import_timm()
   import torch  # pylint: disable=g-import-not-at-top
-  from timm.layers import GroupNormAct, HybridEmbed, StdConv2dSame  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from timm.layers import GroupNormAct, HybridEmbed, StdConv2dSame
   from timm.models import resnetv2  # pylint: disable=g-import-not-at-top
   from timm.models import vision_transformer  # pylint: disable=g-import-not-at-top
   del timm

@@ -1,4 +1,4 @@
-"""timm checkpoints (the same ImageNet-21k weights, as PyTorch state dicts) -> vision_transformer names.
+"""timm checkpoints (the ImageNet-21k weights as PyTorch state dicts) -> vision_transformer names.
 
 Most code that needs the paper's R50+ViT-B/16 today takes it from timm on the Hugging Face Hub
 (`timm/vit_base_r50_s16_224.orig_in21k`; pure ViT-B/16: `timm/vit_base_patch16_224.orig_in21k`
@@ -83,9 +83,11 @@ _RULES: tuple[tuple[str, str, Callable[[np.ndarray], np.ndarray]], ...] = (
      r'encoder/block{s}/unit{b}/gn_proj/scale', _same),
     (r'patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.downsample\.norm\.bias',
      r'encoder/block{s}/unit{b}/gn_proj/bias', _same),
-    (r'blocks\.(\d+)\.norm1\.weight', r'encoder/Transformer/encoderblock_\1/LayerNorm_0/scale', _same),
+    (r'blocks\.(\d+)\.norm1\.weight',
+     r'encoder/Transformer/encoderblock_\1/LayerNorm_0/scale', _same),
     (r'blocks\.(\d+)\.norm1\.bias', r'encoder/Transformer/encoderblock_\1/LayerNorm_0/bias', _same),
-    (r'blocks\.(\d+)\.norm2\.weight', r'encoder/Transformer/encoderblock_\1/LayerNorm_1/scale', _same),
+    (r'blocks\.(\d+)\.norm2\.weight',
+     r'encoder/Transformer/encoderblock_\1/LayerNorm_1/scale', _same),
     (r'blocks\.(\d+)\.norm2\.bias', r'encoder/Transformer/encoderblock_\1/LayerNorm_1/bias', _same),
     (r'blocks\.(\d+)\.mlp\.fc1\.weight',
      r'encoder/Transformer/encoderblock_\1/MlpBlock_0/Dense_0/kernel', _dense),

@@ -1,4 +1,4 @@
-r"""Full-size parity of the timm loader: R50+ViT-B/16 (`vit_base_r50_s16_224`) against timm's forward.
+r"""Full-size parity of the timm loader: R50+ViT-B/16 (`vit_base_r50_s16_224`) vs timm's forward.
 
   PYTHONPATH=. python -m experiments.benchmarks.timm_parity [--batch=2] [--pure]
 

@@ -21,7 +21,8 @@ from experiments import timm_reference
 import torch  # The test extra's CPU build; timm is installed by the Makefile (--no-deps).
 
 timm_reference.import_timm()
-from safetensors import torch as safetensors_torch  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from safetensors import torch as safetensors_torch
 
 NUM_CLASSES = 5
 TINY = dict(embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, layers=(1, 1, 1), width_factor=0.5,
