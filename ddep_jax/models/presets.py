@@ -11,6 +11,7 @@ the 1x DDeP decoder. `get_config(name, **overrides)` returns a preset:
 | `R50+ViT-L_16` | R50 (3, 4, 9) + ViT-L (1024, 24, 16, 4096) | DDeP 1x |
 | `R50+ViT-B_16-TransUNet` | as `R50+ViT-B_16` | TransUNet's (512 -> 256, 128, 64, 16) |
 | `ViT-B_16` | pure ViT-B/16 (16x16 patches, no skips) | DDeP 1x |
+| `ViT-L_16` | pure ViT-L/16 (1024, 24 layers, 16 heads, MLP 4096; no skips) | DDeP 1x |
 | `R50-UNet` | ResNet-50 (3, 4, 6, 3), GN + WS (paper Table 7) | DDeP 1x |
 | `tiny`, `tiny-R50-UNet` | tiny CPU test models (32x32 inputs in about a second) | tiny |
 
@@ -27,7 +28,8 @@ ViT-B/16; attention dropout 0.0.
 import ml_collections
 
 PRESETS = ('R50+ViT-B_16', 'R50+ViT-Ti_16', 'R50+ViT-S_16', 'R50+ViT-L_16',
-           'R50+ViT-B_16-TransUNet', 'ViT-B_16', 'R50-UNet', 'tiny', 'tiny-R50-UNet')
+           'R50+ViT-B_16-TransUNet', 'ViT-B_16', 'ViT-L_16', 'R50-UNet', 'tiny',
+           'tiny-R50-UNet')
 
 # hidden_size, num_layers, num_heads, mlp_dim, dropout_rate of the transformer sizes.
 _VIT_SIZES = {
@@ -96,10 +98,13 @@ def get_config(name: str = 'R50+ViT-B_16', **overrides) -> ml_collections.Config
       dec.variant = 'transunet'
       dec.base_widths = (512, 256, 128, 64, 16)
       config.head_kernel_size = 3  # TransUNet's SegmentationHead is a 3x3 conv.
-  elif name == 'ViT-B_16':
+  elif name in ('ViT-B_16', 'ViT-L_16'):
     enc.resnet.num_layers = ()
     enc.patch_size = (16, 16)
     enc.dropout_rate = 0.0
+    if name == 'ViT-L_16':  # vision_transformer's ViT-L_16 (dropout 0.1).
+      (enc.hidden_size, enc.num_layers, enc.num_heads, enc.mlp_dim,
+       enc.dropout_rate) = _VIT_SIZES['L']
   elif name == 'R50-UNet':
     config.name = 'r50_unet'
     enc.resnet.num_layers = (3, 4, 6, 3)

@@ -1,4 +1,8 @@
-"""ImageNet-21k encoder checkpoints: the official vision_transformer / TransUNet `.npz` files.
+"""ImageNet-21k encoder checkpoints: vision_transformer / TransUNet `.npz` files, and timm's copies.
+
+`load_pretrained` is the one entry point (`config.init_from.npz`): an `.npz` (below), a timm
+`.safetensors` / `.pth` / `.bin` state dict, or `hf-hub:timm/<name>`; timm's layout is converted
+by `timm_weights.py`.
 
 The released files (`R50+ViT-B_16.npz`, `ViT-B_16.npz`, ... from gs://vit_models/imagenet21k/;
 TransUNet uses the same `R50+ViT-B_16.npz`) are flat `np.savez` archives keyed by '/'-joined
@@ -35,6 +39,7 @@ import numpy as np
 import scipy.ndimage
 
 from ddep_jax import fileio
+from ddep_jax.models import timm_weights
 
 POSEMB_PATH = 'encoder/Transformer/posembed_input/pos_embedding'
 CLS_PATH = 'encoder/cls'
@@ -51,7 +56,9 @@ _PRE_LINEN_BLOCK_NAMES = {
 }
 _DOWNLOAD_HINT = ('Download the ImageNet-21k checkpoint, e.g. '
                   '`gsutil cp gs://vit_models/imagenet21k/R50+ViT-B_16.npz .`, and point '
-                  '`config.init_from.npz` at it.')
+                  '`config.init_from.npz` at it; or use timm\'s copy of the same weights: '
+                  '`config.init_from.npz=hf-hub:timm/vit_base_r50_s16_224.orig_in21k` (README, '
+                  '"Pretrained encoders").')
 
 
 def read_npz(path: str) -> dict[str, Any]:
@@ -211,14 +218,20 @@ def merge_params(init_params: Mapping[str, Any], loaded: Mapping[str, Any], *, d
 def load_pretrained(init_params: Mapping[str, Any], path: str,
                     model_config: Optional[ml_collections.ConfigDict] = None, *, drop_head: bool,
                     image_size: Optional[Sequence[int]] = None) -> dict[str, Any]:
-  """Loads an ImageNet-21k vision_transformer `.npz` into the model's parameters.
+  """Loads pretrained encoder weights from any of the sources below into the model's parameters.
 
-  Argument order as big_vision's `load(init_params, init_file, model_cfg)`.
+  Argument order as big_vision's `load(init_params, init_file, model_cfg)`. `path` is one of:
+
+  * a vision_transformer / TransUNet `.npz` (`R50+ViT-B_16.npz`; local path or gs://);
+  * a timm state dict: `.safetensors` (read without torch), `.pth` / `.bin` (needs torch; read
+    with `weights_only=True`), converted by `timm_weights.convert_timm_params`;
+  * `hf-hub:timm/<name>`, e.g. `hf-hub:timm/vit_base_r50_s16_224.orig_in21k`: that repo's
+    `model.safetensors` from the Hugging Face Hub cache (downloaded when the network allows).
 
   Args:
     init_params: `model.init(...)['params']` of the model to load into (host arrays are best:
       the result is numpy and the caller shards it).
-    path: the `.npz` file (local path or gs://).
+    path: the checkpoint, as above.
     model_config: the `config.model` section; with `image_size`, gives the token grid.
     drop_head: see `merge_params`; required, so that dropping the classifier is a decision.
     image_size: (H, W) the model runs at, for a non-square position-embedding grid.
@@ -234,11 +247,41 @@ def load_pretrained(init_params: Mapping[str, Any], path: str,
     from ddep_jax.models import model as model_lib  # pylint: disable=g-import-not-at-top
     stride = model_lib.build_encoder(model_config).output_stride
     grid_size = (image_size[0] // stride, image_size[1] // stride)
-  loaded = convert_vit_params(read_npz(path))
+  loaded, sources = read_pretrained(path, init_params)
   try:
     return merge_params(init_params, loaded, drop_head=drop_head, grid_size=grid_size)
   except ValueError as e:
-    raise ValueError(f'Loading {path}: {e}') from None
+    message = str(e)
+    named = [f'  {p} <- {key}' for p, key in sources.items() if p in message]
+    if named:
+      message += '\nConverted from these tensors of the file:\n' + '\n'.join(named)
+    raise ValueError(f'Loading {path}: {message}') from None
+
+
+def read_pretrained(path: str, init_params: Optional[Mapping[str, Any]] = None
+                    ) -> tuple[dict[str, Any], dict[str, str]]:
+  """Reads any source of `load_pretrained` into this package's layout, not yet merged.
+
+  Returns:
+    `(tree, sources)`: `{'encoder': ..., 'head': ...}` and, for timm files, `{path here: the
+    file's key and shape}` (empty for `.npz` files, whose keys are the paths).
+  """
+  if path.startswith(timm_weights.HUB_PREFIX):
+    path = timm_weights.hub_file(path)
+  if epath.Path(path).suffix.lower() == '.npz':
+    return convert_vit_params(read_npz(path)), {}
+  return timm_weights.convert_timm_params(timm_weights.read_state_dict(path),
+                                          num_heads=_num_heads(init_params, path))
+
+
+def _num_heads(init_params: Optional[Mapping[str, Any]], path: str) -> int:
+  """The attention heads of the model, read off its first query kernel `[D, heads, D / heads]`."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(init_params or {}), sep='/')
+  for key, value in flat.items():
+    if key.endswith('MultiHeadDotProductAttention_0/query/kernel'):
+      return np.shape(value)[1]
+  raise ValueError(f'{path}: a timm checkpoint needs the parameters of a ViT encoder to load '
+                   f'into (their query kernels give the number of attention heads).')
 
 
 def to_released_names(params: Mapping[str, Any], *, groupnorm_4d: bool = False

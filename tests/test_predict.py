@@ -1,0 +1,140 @@
+"""`ddep_jax.predict` on image files written here, from a tiny segmentation checkpoint."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from ddep_jax import checkpoints
+from ddep_jax import evaluate
+from ddep_jax import predict as predict_lib
+from ddep_jax import sharding
+from ddep_jax import train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _config(task='segment'):
+  config = tiny_config.get_config(f'task={task}')
+  if task == 'segment':
+    # Multi-scale: 37x53 runs at 28x40 (padded to 32x48) and 37x53 (padded to 48x64). Flips add
+    # nothing here but compile time (each protocol variant is one more forward pass to compile).
+    config.evals.val.scales = (0.75, 1.0)
+  return config
+
+
+def _save_run(workdir, config, seed=0):
+  """A run directory as the trainer leaves it: config.json and an Orbax checkpoint (step 4)."""
+  model = train.build_model_for(config)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                          jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))['params']
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(
+      lambda s: (rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]) or 1)).astype(
+          np.float32), shapes)
+  train._save_config(config, str(workdir))  # pylint: disable=protected-access
+  checkpointer = checkpoints.Checkpointer(str(workdir), asynchronous=False)
+  checkpointer.save(4, {'params': params}, {'step': 4, 'task': config.task,
+                                            'model_name': config.model.name})
+  checkpointer.close()
+  return params
+
+
+@pytest.fixture(scope='module', name='run')
+def run_fixture(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('run')
+  config = _config()
+  _save_run(workdir, config)
+  loaded_config, params, step = predict_lib.load_run(str(workdir))
+  assert step == 4
+  return str(workdir), loaded_config, params
+
+
+def _image(height, width, seed=0, channels=3):
+  shape = (height, width) if channels == 1 else (height, width, channels)
+  return np.random.default_rng(seed).integers(0, 256, shape).astype(np.uint8)
+
+
+def test_label_map_equals_evaluate(run):
+  """predict() gives the labels evaluate's jitted step computes for the same odd-sized image."""
+  _, config, params = run
+  image = _image(37, 53)
+  labels = predict_lib.predict(params, config, image)
+  assert labels.shape == (37, 53) and labels.dtype == np.int32
+  assert len(np.unique(labels)) > 1  # Not a trivially constant prediction.
+
+  model = train.build_model_for(config)
+  mesh = sharding.make_mesh(config, devices=jax.devices()[:1])  # A batch of one image.
+  evaluator = evaluate.Evaluator('val', config, config.evals.val, model, mesh)
+  batch = sharding.global_batch({'image': (image.astype(np.float32) / 127.5 - 1.0)[None],
+                                 'label': np.zeros((1, 37, 53), np.int32),
+                                 'valid': np.ones(1, bool)}, mesh)
+  stats = evaluator._step_fn(params, batch)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(np.asarray(stats['predictions'][0]), labels)
+
+
+def test_predict_files_writes_keeps_and_reports(run, tmp_path):
+  workdir, config, params = run
+  images = tmp_path / 'images'
+  images.mkdir()
+  # The size of the test above: its compiled program is reused (each new size compiles anew).
+  rgb, gray, rgba = _image(37, 53, 1), _image(37, 53, 2, channels=1), _image(37, 53, 3, 4)
+  Image.fromarray(rgb).save(images / 'rgb.png')
+  Image.fromarray(gray).save(images / 'gray.png')
+  Image.fromarray(rgba, 'RGBA').save(images / 'rgba.png')
+  (images / 'broken.png').write_bytes(b'not a png')
+  out = tmp_path / 'out'
+
+  report = predict_lib.predict_files(os.path.join(workdir, 'checkpoints'), str(images / '*.png'),
+                                     str(out))
+  assert sorted(os.path.basename(p) for p in report['written']) == ['gray.png', 'rgb.png',
+                                                                     'rgba.png']
+  assert len(report['failed']) == 1 and 'broken.png' in report['failed'][0]
+
+  expected = {'rgb': rgb, 'gray': np.repeat(gray[..., None], 3, -1), 'rgba': rgba[..., :3]}
+  names = predict_lib.class_names_of(config)
+  for stem, image in expected.items():
+    labels = np.asarray(Image.open(out / f'{stem}_labels.png'))
+    np.testing.assert_array_equal(labels, predict_lib.predict(params, config, image))
+    overlay = np.asarray(Image.open(out / f'{stem}_overlay.png'))
+    height, width = image.shape[:2]
+    assert overlay.shape[1] == width + predict_lib.LEGEND_WIDTH and overlay.shape[0] >= height
+    np.testing.assert_array_equal(overlay, predict_lib.overlay(image, labels, names))
+    blend = np.round(0.5 * image + 0.5 * predict_lib.palette(len(names))[labels])
+    np.testing.assert_allclose(overlay[:height, :width], blend, atol=1)
+
+  # A second run keeps what is there: nothing rewritten, the bad file still named.
+  before = os.path.getmtime(out / 'rgb_labels.png')
+  again = predict_lib.predict_files(workdir, str(images), str(out))
+  assert len(again['skipped']) == 3 and not again['written'] and len(again['failed']) == 1
+  assert os.path.getmtime(out / 'rgb_labels.png') == before
+
+
+def test_errors_name_the_file(run, tmp_path):
+  workdir, _, _ = run
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match='No image files in .*empty'):
+    predict_lib.predict_files(workdir, str(empty), str(tmp_path / 'out'))
+  deep = tmp_path / 'deep.png'
+  Image.fromarray(np.zeros((8, 8), np.uint16)).save(deep)  # 16-bit grayscale.
+  with pytest.raises(ValueError, match='deep.png: unsupported image mode'):
+    predict_lib.read_image(str(deep))
+
+  denoise_run = tmp_path / 'denoise_run'
+  denoise_run.mkdir()
+  train._save_config(_config('denoise'), str(denoise_run))  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match='denoise_run/config.json is the config of a '
+                     "task='denoise' run"):
+    predict_lib.load_run(str(denoise_run))
+
+
+def test_original_label_ids():
+  config = tiny_config.get_config('task=segment')
+  config.input.dataset, config.num_classes = 'cityscapes', 19
+  ids = predict_lib.original_ids(config)
+  assert (ids[0], ids[1], ids[18]) == (7, 8, 33)  # road, sidewalk, bicycle (Cityscapes ids).
