@@ -20,9 +20,9 @@ from ddep_jax import train_step
 IMAGE_SHAPE = (4, 32, 32, 3)
 NUM_CLASSES = 5
 STEPS = 4
-# Largest |loss_bf16 - loss_f32| / loss_f32 over the steps. bfloat16 keeps 8 mantissa bits
-# (relative rounding 2^-9 ~ 0.2 %); a few layers deep that grows to about 1 % here.
-RELATIVE_TOLERANCE = 0.03
+# Largest |loss_bf16 - loss_f32| / loss_f32 over the 4 steps. bfloat16 keeps 8 mantissa bits
+# (rounding 2^-9 ~ 0.2 %); measured here: denoise 0.4 %, segment 2.1 %, classify 0.07 %.
+RELATIVE_TOLERANCE = 0.05
 
 
 def _config(task, dtype):
@@ -70,5 +70,4 @@ def test_bfloat16_run_tracks_float32_run(task):
   assert f32_dtypes == bf16_dtypes == {jnp.dtype(jnp.float32)}  # Params and Adam moments.
   assert np.all(np.isfinite(bf16))
   assert not np.array_equal(f32, bf16)  # bfloat16 really computed something else.
-  print(task, f32, bf16, np.max(np.abs(bf16 - f32) / f32))
   np.testing.assert_allclose(bf16, f32, rtol=RELATIVE_TOLERANCE)
