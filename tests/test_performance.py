@@ -1,6 +1,5 @@
 """Throughput metrics: the peak table and the MFU maths (what the loop logs: tests/test_train.py)."""
 
-import numpy as np
 import pytest
 
 from ddep_jax import performance
