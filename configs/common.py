@@ -14,6 +14,7 @@ import ml_collections
 from ddep_jax import models
 from ddep_jax import objectives
 from ddep_jax import optimizer
+from ddep_jax import performance
 from ddep_jax import sharding
 from ddep_jax.data import input_pipeline
 
@@ -97,6 +98,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.update(objectives.default_config())   # denoising, classification_loss
   config.update(optimizer.default_config())    # optimizer, lr, wd, ..., schedule
   config.update(sharding.default_config())     # mesh, sharding_rules, distributed
+  config.update(performance.default_config())  # peak_tflops_per_device (for train/mfu)
 
   config.total_steps = 0     # Set exactly one of total_steps / total_epochs.
   config.total_epochs = 0.0

@@ -17,6 +17,7 @@ Order of initialisation (first that applies):
 """
 
 import math
+import time
 from typing import Any, Mapping
 
 from absl import logging
@@ -35,6 +36,7 @@ from ddep_jax import fileio
 from ddep_jax import models
 from ddep_jax import objectives
 from ddep_jax import optimizer as optimizer_lib
+from ddep_jax import performance
 from ddep_jax import sharding
 from ddep_jax import train_step as train_step_lib
 from ddep_jax import workdir_lock
@@ -276,6 +278,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   # -- Loop ---------------------------------------------------------------------------------------
   report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  meter = performance.meter_for(config, mesh, jax.devices()[0].device_kind)
   pending_metrics = []
   input_counts = _InputCounts(train_iter)
   final_results = {}
@@ -284,10 +287,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     while step < total_steps:
       step += 1
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        local_batch = next(train_iter)
+        with meter.waiting_for_input():
+          local_batch = next(train_iter)
         input_counts.add(local_batch)
         batch = sharding.global_batch(_train_fields(local_batch, config.task), mesh)
+        if step == start_step + 1:
+          _analyse_step(step_fn, state, batch, meter)
         state, step_metrics = step_fn(state, batch)
+      meter.step_done()
       pending_metrics.append(step_metrics)
       report_progress(step)
 
@@ -299,20 +306,33 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         _write_train_metrics(writer, step, pending_metrics)
         pending_metrics = []
         input_counts.log()
+        writer.write_scalars(step, {f'train/{k}': v for k, v in meter.metrics().items()})
       if save_now:
         ckpt.save(step, state, _meta(config, step), force=preempted or step == total_steps)
       if preempted:
         logging.warning('Preempted: checkpoint saved at step %d; exiting.', step)
         ckpt.wait()
         return {}
-      if step < total_steps:
-        run_evals(step, final=False)
+      evaluated = step < total_steps and bool(run_evals(step, final=False))
+      if evaluated or save_now:
+        meter.restart()  # Evaluations and checkpoints are not train steps.
     ckpt.wait()  # Final results only once the final checkpoint is complete (or its error raised).
     final_results = run_evals(step, final=True)
   finally:
     ckpt.close()
     writer.flush()
   return final_results
+
+
+def _analyse_step(step_fn, state, batch, meter: performance.ThroughputMeter) -> None:
+  """Compiles the step once (the jit reuses it) and gives its FLOPs per device to `meter`."""
+  start = time.perf_counter()
+  meter.step_flops = performance.step_flops_per_device(step_fn.lower(state, batch).compile())
+  peak = 'unknown: no MFU' if meter.peak_flops is None else f'{meter.peak_flops / 1e12:g} TFLOP/s'
+  flops = 'unknown' if meter.step_flops is None else f'{meter.step_flops / 1e9:.4g} GFLOP'
+  logging.info('Train step compiled in %.1f s: %s per device per step; device peak %s.',
+               time.perf_counter() - start, flops, peak)
+  meter.restart()  # Compilation is not a train step.
 
 
 def _train_fields(local_batch: Mapping[str, np.ndarray], task: str) -> dict:

@@ -5,6 +5,7 @@ must be carried, resume after a hard kill, SIGTERM (preemption), non-finite loss
 re-evaluating a checkpoint from the command line.
 """
 
+import glob
 import json
 import logging
 import os
@@ -18,9 +19,11 @@ import types
 import flax
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from ddep_jax import checkpoints
 from ddep_jax import optimizer as optimizer_lib
+from ddep_jax import performance
 from ddep_jax import sharding
 from ddep_jax import train
 from ddep_jax import train_step as train_step_lib
@@ -73,7 +76,9 @@ def test_three_stage_chain_carries_the_right_weights(digit_scenes_dir, tmp_path)
   with ddep.unlocked():
     ddep.init_from.checkpoint = str(tmp_path / 'supervised')
     ddep.init_from.params = ('encoder/.*',)
+  ddep.peak_tflops_per_device = 1e-3  # A fake device of 1 GFLOP/s, for train/mfu.
   results = train.train_and_evaluate(ddep, str(tmp_path / 'ddep'))
+  _assert_logs_cost_analysis_flops_and_mfu(ddep, str(tmp_path / 'ddep'))
   assert np.isfinite(results['val']['loss']) and np.isfinite(results['val']['psnr'])
 
   supervised_params = _flat(checkpoints.load_params(str(tmp_path / 'supervised'))[0])
@@ -256,3 +261,37 @@ def test_config_errors_are_clear(digit_scenes_dir):
     train.check_config(config)
   with pytest.raises(ValueError, match='Unknown config argument'):
     tiny_config.get_config('tsk=segment')
+
+
+def _logged_scalars(workdir):
+  scalars = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag.startswith('train/'):
+          scalars.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+  return scalars
+
+
+def _assert_logs_cost_analysis_flops_and_mfu(config, workdir):
+  """The run logged its step's FLOPs (XLA cost analysis) and MFU against the configured peak."""
+  logged = _logged_scalars(workdir)
+  # The same step compiled again here (a hit in the session's compilation cache).
+  model = train.build_model_for(config)
+  image_shape = train._image_shape(config)  # pylint: disable=protected-access
+  abstract = train_step_lib.abstract_params(config, model, image_shape)
+  opt = optimizer_lib.make_optimizer(config, abstract, config.total_steps)
+  mesh = sharding.make_mesh(config)
+  state, shardings = train_step_lib.create_train_state(config, model, opt, mesh, image_shape)
+  batch = sharding.global_batch({'image': np.zeros(
+      (config.input.batch_size, *image_shape[1:]), np.float32)}, mesh)
+  step = train_step_lib.make_train_step(config, model, opt, mesh, shardings)
+  flops = performance.step_flops_per_device(step.lower(state, batch).compile())
+  assert flops > 1e6 and len(logged['train/step_flops_per_device']) >= 1
+  np.testing.assert_allclose(logged['train/step_flops_per_device'], flops, rtol=1e-6)
+  np.testing.assert_allclose(logged['train/mfu'],
+                             np.asarray(logged['train/tflops_per_device']) / 1e-3, rtol=1e-5)
+  np.testing.assert_allclose(logged['train/images_per_sec'],
+                             8 * np.asarray(logged['train/images_per_sec_per_device']), rtol=1e-5)
+  assert min(logged['train/images_per_sec']) > 0
+  assert all(0 <= v <= 1 for v in logged['train/input_wait_fraction'])

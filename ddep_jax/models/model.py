@@ -23,6 +23,7 @@ from ddep_jax.models import vit
 TASKS = ('classify', 'denoise', 'segment')
 MODEL_NAMES = ('transunet', 'r50_unet')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+REMAT_POLICIES = ('none', 'encoder', 'decoder', 'all')
 
 
 class UNet(nn.Module):
@@ -73,11 +74,12 @@ def build_encoder(model_config: ml_collections.ConfigDict) -> nn.Module:
         resnet_num_layers=tuple(enc.resnet.num_layers),
         resnet_width_factor=enc.resnet.width_factor, dropout_rate=enc.dropout_rate,
         attention_dropout_rate=enc.attention_dropout_rate, classifier=enc.classifier,
-        dtype=dtype, remat=model_config.remat)
+        dtype=dtype, remat=_remat(model_config, 'encoder'),
+        attention_implementation=enc.attention_implementation)
   if model_config.name == 'r50_unet':
     return resnet.ResNetEncoder(num_layers=tuple(enc.resnet.num_layers),
                                 width_factor=enc.resnet.width_factor, dtype=dtype,
-                                remat=model_config.remat)
+                                remat=_remat(model_config, 'encoder'))
   raise ValueError(f'model.name must be one of {MODEL_NAMES}; got {model_config.name!r}.')
 
 
@@ -116,7 +118,7 @@ def build_model(model_config: ml_collections.ConfigDict, *, task: str,
   decoder = decoder_lib.Decoder(
       variant=dec.variant, decoder_width=dec.decoder_width, base_widths=tuple(dec.base_widths),
       noise_conditioning=dec.noise_conditioning, num_groups=dec.num_groups, dtype=dtype,
-      remat=model_config.remat)
+      remat=_remat(model_config, 'decoder'))
   num_outputs = 3 if task == 'denoise' else num_classes
   kernel_size = (model_config.head_kernel_size,) * 2
   head = heads.DenseHead(num_outputs, kernel_size, dtype=dtype)
@@ -127,3 +129,10 @@ def _dtype(model_config):
   if model_config.dtype not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}; got {model_config.dtype!r}.')
   return DTYPES[model_config.dtype]
+
+
+def _remat(model_config, part: str) -> bool:
+  """Whether `part` ('encoder' or 'decoder') is rematerialised under `model.remat`."""
+  if model_config.remat not in REMAT_POLICIES:
+    raise ValueError(f'model.remat must be one of {REMAT_POLICIES}; got {model_config.remat!r}.')
+  return model_config.remat in (part, 'all')

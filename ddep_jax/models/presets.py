@@ -59,6 +59,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.encoder.mlp_dim = 3072
   config.encoder.dropout_rate = 0.1
   config.encoder.attention_dropout_rate = 0.0
+  # 'auto' / 'xla' / 'cudnn': jax.nn.dot_product_attention (implementation None / 'xla' /
+  # 'cudnn': cuDNN flash attention on GPUs, bfloat16 only); 'flax': the unfused flax attention,
+  # the only one with attention dropout.
+  config.encoder.attention_implementation = 'auto'
   # 'token': class token in the sequence (how the ImageNet-21k checkpoints were trained);
   # 'none': no class token (the posembed's class slot is dropped when loading).
   config.encoder.classifier = 'token'
@@ -74,7 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.head_kernel_size = 1  # Of the dense (denoising / segmentation) head's conv.
   config.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'; params stay float32.
-  config.remat = False  # Rematerialise residual units, transformer layers and decoder stages.
+  # Rematerialise in the backward pass (less memory, more FLOPs): 'none'; 'encoder' (each
+  # residual unit and transformer layer); 'decoder' (each decoder stage); 'all' (both).
+  config.remat = 'none'
   config.lock()
   return config
 

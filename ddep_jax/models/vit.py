@@ -68,6 +68,35 @@ class AddPositionEmbs(nn.Module):
     return x + posemb.astype(x.dtype)
 
 
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'flax')
+
+
+def attention_fn(implementation: str):
+  """The `attention_fn` of `nn.MultiHeadDotProductAttention` for `implementation`.
+
+  'auto', 'xla', 'cudnn': `jax.nn.dot_product_attention` (implementation None / 'xla' / 'cudnn';
+  cuDNN's fused flash attention needs a GPU and bfloat16), softmax in float32, no attention
+  dropout. 'flax': `flax.linen.dot_product_attention`, the unfused einsum -> softmax -> einsum,
+  which supports attention dropout.
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f'model.encoder.attention_implementation must be one of '
+                     f'{ATTENTION_IMPLEMENTATIONS}; got {implementation!r}.')
+  if implementation == 'flax':
+    return nn.dot_product_attention
+  fused_implementation = None if implementation == 'auto' else implementation
+
+  def fused(query, key, value, mask=None, dropout_rate=0.0, deterministic=True):
+    if dropout_rate > 0 and not deterministic:
+      raise ValueError(f'attention_implementation={implementation!r} has no attention dropout; '
+                       f'set model.encoder.attention_implementation="flax" or '
+                       f'model.encoder.attention_dropout_rate=0.')
+    return jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                        implementation=fused_implementation)
+
+  return fused
+
+
 class MlpBlock(nn.Module):
   """Transformer feed-forward block: Dense -> GELU -> dropout -> Dense -> dropout."""
 
@@ -94,14 +123,18 @@ class Encoder1DBlock(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   dtype: Any = jnp.float32
+  attention_implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, inputs, deterministic: bool):
     x = nn.LayerNorm(dtype=self.dtype)(inputs)
+    # Parameters stay `query`, `key`, `value`, `out` whatever the implementation (checkpoints).
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(), broadcast_dropout=False,
-        dropout_rate=self.attention_dropout_rate, deterministic=deterministic)(x, x)
+        dropout_rate=self.attention_dropout_rate, deterministic=deterministic,
+        attention_fn=attention_fn(self.attention_implementation),
+        force_fp32_for_softmax=True)(x, x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     x = x + inputs
     y = nn.LayerNorm(dtype=self.dtype)(x)
@@ -121,6 +154,7 @@ class Transformer(nn.Module):
   attention_dropout_rate: float = 0.1
   dtype: Any = jnp.float32
   remat: bool = False
+  attention_implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -131,7 +165,8 @@ class Transformer(nn.Module):
                  if self.remat else Encoder1DBlock)
     for i in range(self.num_layers):
       x = block_cls(self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,
-                    dtype=self.dtype, name=f'encoderblock_{i}')(x, not train)
+                    dtype=self.dtype, attention_implementation=self.attention_implementation,
+                    name=f'encoderblock_{i}')(x, not train)
     return nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
 
 
@@ -160,6 +195,7 @@ class ViTEncoder(nn.Module):
   classifier: str = 'token'
   dtype: Any = jnp.float32
   remat: bool = False
+  attention_implementation: str = 'auto'
 
   @property
   def output_stride(self) -> int:
@@ -174,6 +210,11 @@ class ViTEncoder(nn.Module):
     if self.patch_size[0] != self.patch_size[1]:
       raise ValueError(f'encoder.patch_size must be square; got {self.patch_size}.')
     resnet.check_image_shape(images.shape, self.output_stride, 'transunet')
+    if self.attention_implementation != 'flax' and self.attention_dropout_rate > 0:
+      raise ValueError(f'model.encoder.attention_implementation='
+                       f'{self.attention_implementation!r} has no attention dropout, but '
+                       f'attention_dropout_rate={self.attention_dropout_rate}: use '
+                       f"attention_implementation='flax' or attention_dropout_rate=0.")
     x = images.astype(self.dtype)
     aux = {}
     if self.resnet_num_layers:
@@ -195,7 +236,9 @@ class ViTEncoder(nn.Module):
       num_prefix_tokens = 1
     x = Transformer(self.num_layers, self.mlp_dim, self.num_heads, (height, width),
                     num_prefix_tokens, self.dropout_rate, self.attention_dropout_rate,
-                    dtype=self.dtype, remat=self.remat, name='Transformer')(x, train=train)
+                    dtype=self.dtype, remat=self.remat,
+                    attention_implementation=self.attention_implementation,
+                    name='Transformer')(x, train=train)
     aux['tokens'] = x
     aux['encoded'] = x[:, 0] if num_prefix_tokens else jnp.mean(x, axis=1)
     token_map = einops.rearrange(x[:, num_prefix_tokens:], 'b (h w) d -> b h w d', h=height)

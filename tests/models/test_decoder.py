@@ -24,6 +24,19 @@ def test_upsample2x_is_half_pixel_bilinear():
   np.testing.assert_allclose(out[0, :2], [0.0, 0.25], atol=1e-6)
 
 
+@pytest.mark.parametrize('shape', [(2, 1, 5, 3), (1, 4, 7, 2), (1, 16, 8, 4)])
+def test_upsample2x_equals_jax_image_resize(shape):
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  batch, height, width, channels = shape
+  resized = jax.image.resize(x, (batch, 2 * height, 2 * width, channels), 'bilinear')
+  np.testing.assert_allclose(np.asarray(decoder_lib.upsample2x(jnp.asarray(x))),
+                             np.asarray(resized), rtol=1e-6, atol=1e-6)
+  bf16 = decoder_lib.upsample2x(jnp.asarray(x, jnp.bfloat16))
+  assert bf16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(bf16, np.float32), np.asarray(resized), rtol=2e-2,
+                             atol=2e-2)
+
+
 @pytest.mark.parametrize('features,num_groups,expected_groups', [(16, 32, 16), (16, 4, 4),
                                                                  (12, 8, 4)])
 def test_conv_norm_relu_groupnorm_matches_hand_computation(features, num_groups,

@@ -128,22 +128,33 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs(name, size):
 
 
 def test_remat_changes_neither_parameters_nor_gradients(random_params):
-  config = models.get_config('tiny', encoder={'resnet': {'num_layers': ()}}, patch_size=(16, 16))
+  pure_vit = dict(encoder={'resnet': {'num_layers': ()}}, patch_size=(16, 16))
   images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
-  plain = models.build_model(config, task='classify', num_classes=3)
-  remat = models.build_model(models.get_config(
-      'tiny', encoder={'resnet': {'num_layers': ()}}, patch_size=(16, 16), remat=True),
-      task='classify', num_classes=3)
+  plain = models.build_model(models.get_config('tiny', **pure_vit), task='segment', num_classes=3)
+  remat = models.build_model(models.get_config('tiny', remat='all', **pure_vit), task='segment',
+                             num_classes=3)
+  assert (remat.encoder.remat, remat.decoder.remat) == (True, True)
+  for policy, parts in (('encoder', (True, False)), ('decoder', (False, True)),
+                        ('none', (False, False))):
+    model = models.build_model(models.get_config('tiny', remat=policy), task='denoise')
+    assert (model.encoder.remat, model.decoder.remat) == parts, policy
   params = random_params(plain, images, train=False)
   assert (jax.tree.structure(_init_shapes(remat, images)['params'])
           == jax.tree.structure(params))
 
-  def grads(model):
+  def loss_and_grads(model):
     loss = lambda p: jnp.sum(model.apply({'params': p}, images, train=False)[0] ** 2)  # noqa: E731
-    return jax.jit(jax.grad(loss))(params)
+    return jax.jit(jax.value_and_grad(loss))(params)
 
-  for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat))):
+  (plain_loss, plain_grads), (remat_loss, remat_grads) = map(loss_and_grads, (plain, remat))
+  np.testing.assert_allclose(float(remat_loss), float(plain_loss), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_remat_policy_is_an_error():
+  with pytest.raises(ValueError, match=r"model.remat must be one of \('none', 'encoder'"):
+    models.build_model(models.get_config('tiny', remat='decoder_stages'), task='denoise')
 
 
 def test_dropout_follows_train_and_encoder_train(random_params):

@@ -16,7 +16,8 @@ def test_default_is_r50_vit_b16_with_1x_ddep_decoder():
   assert config.decoder.variant == 'ddep' and config.decoder.decoder_width == 1
   assert tuple(config.decoder.base_widths) == (1024, 512, 256, 128, 64)
   assert config.decoder.noise_conditioning is False
-  assert (config.dtype, config.remat) == ('float32', False)
+  assert (config.dtype, config.remat) == ('float32', 'none')
+  assert config.encoder.attention_implementation == 'auto'
   assert models.get_config().to_dict() == config.to_dict()
   with pytest.raises(AttributeError):
     config.decoder.decoder_widht = 2  # Locked: a typo is an error.

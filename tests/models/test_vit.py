@@ -117,3 +117,29 @@ def test_bad_image_shapes_raise_clear_errors(shape):
   match = r'multiples of 16 .*got 40x32.*48x32' if shape[1] == 40 else r'\[B, H, W, 3\]'
   with pytest.raises(ValueError, match=match):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+
+
+def test_fused_attention_equals_flax_attention_with_the_same_parameter_names():
+  rng = np.random.default_rng(0)
+  tokens = rng.normal(size=(2, 17, 32)).astype(np.float32)
+  blocks = {impl: vit.Encoder1DBlock(64, 4, 0.0, 0.0, attention_implementation=impl)
+            for impl in ('flax', 'auto', 'xla')}
+  params = blocks['flax'].init(jax.random.key(0), tokens, True)['params']
+  attention = params['MultiHeadDotProductAttention_0']
+  assert sorted(attention) == ['key', 'out', 'query', 'value']  # vision_transformer's names.
+  assert attention['query']['kernel'].shape == (32, 4, 8)
+  reference = blocks['flax'].apply({'params': params}, tokens, True)
+  for impl in ('auto', 'xla'):
+    shapes = jax.eval_shape(lambda b=blocks[impl]: b.init(jax.random.key(0), tokens, True))
+    assert jax.tree.structure(shapes['params']) == jax.tree.structure(params)
+    out = blocks[impl].apply({'params': params}, tokens, True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(reference), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="one of \\('auto', 'xla', 'cudnn', 'flax'\\)"):
+    vit.attention_fn('fused')
+
+
+def test_fused_attention_refuses_attention_dropout():
+  config = models.get_config('tiny', attention_dropout_rate=0.1)
+  model = models.build_model(config, task='denoise')
+  with pytest.raises(ValueError, match="no attention dropout.*attention_implementation='flax'"):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
