@@ -26,7 +26,6 @@ from clu import parameter_overview
 from clu import periodic_actions
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

@@ -72,8 +72,10 @@ def test_label_map_equals_evaluate(run):
   evaluator = evaluate.Evaluator('val', config, config.evals.val, model, mesh)
   batch = sharding.global_batch({'image': (image.astype(np.float32) / 127.5 - 1.0)[None],
                                  'label': np.zeros((1, 37, 53), np.int32),
-                                 'valid': np.ones(1, bool)}, mesh)
-  stats = evaluator._step_fn(params, batch)  # pylint: disable=protected-access
+                                 'valid': np.ones(1, bool),
+                                 'orig_size': np.array([[37, 53]], np.int32)}, mesh)
+  sizes = np.array([[37, 53]], np.int32)
+  stats = evaluator._segment_statistics(params, batch, sizes)  # pylint: disable=protected-access
   np.testing.assert_array_equal(np.asarray(stats['predictions'][0]), labels)
 
 

@@ -268,7 +268,7 @@ def read_pretrained(path: str, init_params: Optional[Mapping[str, Any]] = None
   """
   if path.startswith(timm_weights.HUB_PREFIX):
     path = timm_weights.hub_file(path)
-  if epath.Path(path).suffix.lower() == '.npz':
+  if path.lower().endswith('.npz'):
     return convert_vit_params(read_npz(path)), {}
   return timm_weights.convert_timm_params(timm_weights.read_state_dict(path),
                                           num_heads=_num_heads(init_params, path))

@@ -6,8 +6,6 @@ and, for `ssh`, runs the worker command itself in a fake worker home: the refusa
 launch, the appended per-attempt logs and their copy to the (fake) bucket are real behaviour.
 """
 
-import io
-import json
 import os
 import subprocess
 import sys

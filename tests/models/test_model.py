@@ -148,8 +148,11 @@ def test_remat_changes_neither_parameters_nor_gradients(random_params):
 
   (plain_loss, plain_grads), (remat_loss, remat_grads) = map(loss_and_grads, (plain, remat))
   np.testing.assert_allclose(float(remat_loss), float(plain_loss), rtol=1e-6)
+  # Recomputation fuses differently: float32 rounding, measured on the scale of each gradient
+  # (1e-5 absolute for the gradients that are zero up to rounding, e.g. biases before a norm).
   for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.max(np.abs(a)) + 1e-5)
 
 
 def test_unknown_remat_policy_is_an_error():
