@@ -24,7 +24,7 @@ test: install
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=20 tests
 
 demo: install
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m ddep_jax.demo --workdir=$(DEMO_WORKDIR)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m experiments.demo --workdir=$(DEMO_WORKDIR)
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -1,6 +1,6 @@
 """`make demo` end to end at smoke size, and the demo's configs.
 
-The module fixture runs the real command once (`python -m ddep_jax.demo --smoke`): every stage
+The module fixture runs the real command once (`python -m experiments.demo --smoke`): every stage
 through the trainer, the fine-tuning sweep, the table and the plot. The tests then check what it
 printed and wrote, against numbers recomputed here from the runs' own files.
 """
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from ddep_jax import checkpoints
-from ddep_jax import demo
-from experiments import demo_diagnostics
 from ddep_jax import fileio
+from experiments import demo
+from experiments import demo_diagnostics
 from experiments import hyper
 from experiments import sweep
 
@@ -37,7 +37,7 @@ def _run_demo(workdir, data_dir):
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2')
   env.pop('XLA_FLAGS', None)  # One CPU device, as `make demo` runs.
   return subprocess.run(
-      [sys.executable, '-m', 'ddep_jax.demo', f'--workdir={workdir}', '--smoke',
+      [sys.executable, '-m', 'experiments.demo', f'--workdir={workdir}', '--smoke',
        f'--data_dir={data_dir}'], cwd=REPO, env=env, capture_output=True, text=True,
       timeout=900, check=False)
 

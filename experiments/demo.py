@@ -1,6 +1,6 @@
 r"""`make demo`: a miniature DDeP reproduction, end to end, on a laptop CPU.
 
-  python -m ddep_jax.demo --workdir=workdirs/demo [--smoke]
+  python -m experiments.demo --workdir=workdirs/demo [--smoke]   # from the repository root
 
 1. Prepares the embedded dataset `ddep_digit_scenes` (MNIST digits on photographs, built from
    files inside installed wheels: no download) into `<workdir>/tfds` with TFDS.
@@ -24,7 +24,8 @@ work directory skips the runs whose results are final and resumes interrupted on
 checkpoints; a run directory left by a different config (e.g. `--smoke` into the same work
 directory) is an error rather than silently reused.
 
-The demo needs the source tree (`configs/demo.py`, `experiments/`), as `make demo` has.
+This is experiment tooling: it runs from the repository root (`configs/demo.py` and
+`experiments/` are read from there), as `make demo` does.
 """
 
 import dataclasses
@@ -39,8 +40,6 @@ from typing import Any, Sequence
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)  # `experiments` is a sibling of the package, not installed.
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -261,7 +260,7 @@ def execute(indexed_runs: Sequence[tuple[int, DemoRun]], *, total: int,
 
 
 class _Workers:
-  """Worker processes (`python -m ddep_jax.demo --runs=...`), each running its runs in order.
+  """Worker processes (`python -m experiments.demo --runs=...`), each running its runs in order.
 
   A worker shares the work directory, the data and the compilation cache, and prints its
   progress lines to this process's stdout / stderr. Used as a context manager: leaving the
@@ -270,7 +269,7 @@ class _Workers:
   """
 
   def __init__(self, workdir: str, data_dir: str, smoke: bool, start_time: float):
-    self._common = [sys.executable, '-m', 'ddep_jax.demo', f'--workdir={workdir}',
+    self._common = [sys.executable, '-m', 'experiments.demo', f'--workdir={workdir}',
                     f'--data_dir={data_dir}', '--smoke' if smoke else '--nosmoke',
                     f'--started_at={start_time!r}']
     self._processes = []
