@@ -30,8 +30,10 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 
+from ddep_jax import checkpoints
 from ddep_jax import fileio
 from ddep_jax import inference
+from ddep_jax import initialization
 from ddep_jax import metrics
 from ddep_jax import objectives
 from ddep_jax import sharding
@@ -315,14 +317,12 @@ def summary_scalars(name: str, results: Mapping) -> dict:
 
 def evaluate_checkpoint(config, workdir: str, checkpoint: str | None = None) -> dict:
   """Restores parameters and runs every evaluator of `config`; returns {name: results}."""
-  from ddep_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  from ddep_jax import train  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed(config)
   mesh = sharding.make_mesh(config)
   sharding.check_batch_sizes(config, jax.device_count(), jax.process_count(), include_train=False)
-  model = train.build_model_for(config)
+  model = initialization.build_model_for(config)
   loaded, step = checkpoints.load_params(checkpoint or workdir)
-  params = train.place_params(loaded, model, config, mesh)
+  params = initialization.place_params(loaded, model, config, mesh)
   all_results = {}
   for evaluator in make_evaluators(config, model, mesh):
     results, _ = evaluator.run(params)

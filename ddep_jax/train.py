@@ -5,34 +5,26 @@ line). One loop, one jitted step; `config.task` picks the objective, head, data 
 ('classify', 'denoise', 'segment') and `config.schedule` picks which parameters train (DDeP
 freezes `encoder/.*`).
 
-Order of initialisation (first that applies):
-  1. resume: the workdir has a checkpoint -> restore state and continue at its step, with the
-     same data order (the input pipeline is a deterministic function of the step);
-  2. `init_from.checkpoint`: parameters matching `init_from.params` from a previous stage's
-     Orbax checkpoint (e.g. encoder + decoder of a DDeP run), the rest freshly initialised;
-  3. `init_from.npz`: ImageNet-21k encoder weights, a vision_transformer `.npz`, a timm
-     `.safetensors` / `.pth` / `.bin` or `hf-hub:timm/<name>` (`pretrained.load_pretrained`), for
-     the encoder (and, when the head matches, the classifier);
-  4. random initialisation.
+Order of initialisation (resume, `init_from.checkpoint`, `init_from.npz`, random): see
+`ddep_jax.initialization`.
 """
 
 import math
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 from absl import logging
 from clu import metric_writers
 from clu import parameter_overview
 from clu import periodic_actions
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
 from ddep_jax import checkpoints
 from ddep_jax import evaluate
 from ddep_jax import fileio
-from ddep_jax import models
+from ddep_jax import initialization
 from ddep_jax import objectives
 from ddep_jax import optimizer as optimizer_lib
 from ddep_jax import performance
@@ -40,22 +32,12 @@ from ddep_jax import sharding
 from ddep_jax import train_step as train_step_lib
 from ddep_jax import workdir_lock
 from ddep_jax.data import input_pipeline
-from ddep_jax.models import pretrained
 
 TASKS = ('classify', 'denoise', 'segment')
 
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN / inf loss; the last good checkpoint is left untouched."""
-
-
-def build_model_for(config):
-  return models.build_model(config.model, task=config.task, num_classes=_num_outputs(config))
-
-
-def _num_outputs(config) -> int:
-  # The denoising head predicts 3 channels whatever num_classes says.
-  return 3 if config.task == 'denoise' else int(config.num_classes)
 
 
 def check_config(config) -> None:
@@ -89,93 +71,6 @@ def total_train_steps(config) -> int:
   info = input_pipeline.dataset_info(config.input.dataset, config.input.data_dir)
   num_examples = info.train_size(config.input)
   return int(math.ceil(config.total_epochs * num_examples / config.input.batch_size))
-
-
-def place_params(loaded: Mapping, model, config, mesh):
-  """Puts a full set of host numpy parameters (`checkpoints.load_params`) on the mesh.
-
-  Every model parameter must be in `loaded` with its shape (errors name the paths); the result is
-  sharded by `config.sharding_rules`.
-  """
-  abstract = train_step_lib.abstract_params(config, model, _image_shape(config))
-  shardings = sharding.param_shardings(abstract, mesh, config)
-  return _put(checkpoints.merge_params(abstract, loaded, ('.*',)), shardings)
-
-
-def _host_copy(tree):
-  """Global (possibly multi-host sharded) arrays -> full numpy arrays on every host."""
-  return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def _put(tree, shardings):
-  """Host numpy leaves -> global arrays with the given shardings; device arrays pass through."""
-  def put(value, sh):
-    if isinstance(value, jax.Array):
-      return value
-    value = np.asarray(value)
-    return jax.make_array_from_callback(value.shape, sh, lambda index: value[index])
-  return jax.tree.map(put, tree, shardings)
-
-
-def _image_shape(config) -> tuple[int, int, int, int]:
-  height, width = input_pipeline.train_crop_size(config.input, config.task)
-  return (1, height, width, 3)
-
-
-def _initial_params(config, state) -> tuple[Any, str]:
-  """Applies init_from to freshly initialised state params; returns (params, description)."""
-  init_from = config.init_from
-  params = state['params']
-  shardings = jax.tree.map(lambda x: x.sharding, params)
-  if init_from.get('checkpoint'):
-    step = init_from.get('step', -1)
-    loaded, step = checkpoints.load_params(init_from.checkpoint, step if step >= 0 else None)
-    loaded = _resample_position_embedding(loaded, params, config)
-    merged = checkpoints.merge_params(params, loaded, tuple(init_from.params),
-                                      source=f'checkpoint {init_from.checkpoint}')
-    carried = checkpoints.matching_paths(params, tuple(init_from.params))
-    return _put(merged, shardings), (f'{len(carried)} parameters from {init_from.checkpoint} '
-                                     f'(step {step}) matching {list(init_from.params)}')
-  if init_from.get('npz'):
-    merged = pretrained.load_pretrained(_host_copy(params), init_from.npz, config.model,
-                                        drop_head=init_from.npz_drop_head,
-                                        image_size=_image_shape(config)[1:3])
-    return _put(merged, shardings), f'encoder from {init_from.npz}'
-  return params, 'random initialisation'
-
-
-_POSEMB_PATH = ('encoder', 'Transformer', 'posembed_input', 'pos_embedding')
-
-
-def _resample_position_embedding(loaded: Mapping, params: Mapping, config) -> Mapping:
-  """Resamples a carried ViT position embedding to this run's token grid.
-
-  Stages run at different resolutions (DDeP at 224x224, fine-tuning on 512 or 1024 crops), so the
-  embedding of the earlier stage is interpolated as vision_transformer does when fine-tuning at a
-  new resolution (its grid is assumed square, as at 224x224).
-  """
-  source, target = loaded, params
-  for key in _POSEMB_PATH:
-    if key not in source or key not in target:
-      return loaded
-    source, target = source[key], target[key]
-  if tuple(source.shape) == tuple(target.shape):
-    return loaded
-  height, width = _image_shape(config)[1:3]
-  stride = models.model.build_encoder(config.model).output_stride
-  has_class_token = config.model.encoder.classifier == 'token'
-  resampled = pretrained.resample_posemb(source, (height // stride, width // stride),
-                                         has_class_token=has_class_token,
-                                         keep_class_token=has_class_token)
-  logging.info('Resampled %s from %s to %s.', '/'.join(_POSEMB_PATH), source.shape,
-               resampled.shape)
-  out = dict(loaded)  # Copy only the dicts on the path; the arrays are shared.
-  node = out
-  for key in _POSEMB_PATH[:-1]:
-    node[key] = dict(node[key])
-    node = node[key]
-  node[_POSEMB_PATH[-1]] = resampled
-  return out
 
 
 def _save_config(config, workdir):
@@ -212,33 +107,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
   # -- Model and optimizer -----------------------------------------------------------------------
   total_steps = total_train_steps(config)
-  model = build_model_for(config)
-  abstract_params = train_step_lib.abstract_params(config, model, _image_shape(config))
+  model = initialization.build_model_for(config)
+  abstract_params = train_step_lib.abstract_params(config, model,
+                                                   initialization.image_shape(config))
   opt = optimizer_lib.make_optimizer(config, abstract_params, total_steps)
 
   # -- State: resume, init_from, or fresh --------------------------------------------------------
   ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
                                   save_every_steps=config.checkpoint_every_steps)
-  state, state_shardings = train_step_lib.create_train_state(config, model, opt, mesh,
-                                                              _image_shape(config))
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
   try:
-    # The newest checkpoint that reads back completely; damaged ones are moved aside.
-    resumed = ckpt.restore_latest(abstract_state)
+    state, state_shardings, start_step, description = initialization.restore_or_initialize(
+        config, model, opt, mesh, ckpt)
   except BaseException:
     ckpt.close()
     raise
-  if resumed is not None:
-    state, start_step = resumed
-    logging.info('Resumed from %s at step %d.', ckpt.directory, start_step)
-  else:
-    # The optimizer state does not depend on parameter values (Adam moments start at zero), so
-    # swapping the parameters of the freshly initialised state is enough.
-    params, description = _initial_params(config, state)
-    state = dict(state, params=params)
-    start_step = 0
-    logging.info('Initialised from %s.', description)
+  logging.info('%s', description)
   if is_main:
     parameter_overview.log_parameter_overview(state['params'], include_stats=False,
                                               msg='Parameters')

@@ -10,6 +10,7 @@ import pytest
 
 from ddep_jax import checkpoints
 from ddep_jax import evaluate
+from ddep_jax import initialization
 from ddep_jax import predict as predict_lib
 from ddep_jax import sharding
 from ddep_jax import train
@@ -29,7 +30,7 @@ def _config(task='segment'):
 
 def _save_run(workdir, config, seed=0):
   """A run directory as the trainer leaves it: config.json and an Orbax checkpoint (step 4)."""
-  model = train.build_model_for(config)
+  model = initialization.build_model_for(config)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
                           jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))['params']
   rng = np.random.default_rng(seed)
@@ -67,7 +68,7 @@ def test_label_map_equals_evaluate(run):
   assert labels.shape == (37, 53) and labels.dtype == np.int32
   assert len(np.unique(labels)) > 1  # Not a trivially constant prediction.
 
-  model = train.build_model_for(config)
+  model = initialization.build_model_for(config)
   mesh = sharding.make_mesh(config, devices=jax.devices()[:1])  # A batch of one image.
   evaluator = evaluate.Evaluator('val', config, config.evals.val, model, mesh)
   batch = sharding.global_batch({'image': (image.astype(np.float32) / 127.5 - 1.0)[None],

@@ -71,7 +71,7 @@ _SIXTEEN = textwrap.dedent("""\
     import importlib, re, sys
     import jax
     sys.path.insert(0, 'configs')
-    from ddep_jax import sharding, train, train_step
+    from ddep_jax import initialization, sharding, train_step
     from ddep_jax.data import input_pipeline
     assert jax.device_count() == 16
     for name, arg in %r:
@@ -90,8 +90,8 @@ _SIXTEEN = textwrap.dedent("""\
       sharding.check_batch_sizes(config, jax.device_count(), 4)
       assert input_pipeline.local_batch_size(config.input.batch_size, 4) == 4
       mesh = sharding.make_mesh(config)
-      model = train.build_model_for(config)
-      abstract = train_step.abstract_params(config, model, train._image_shape(config))
+      model = initialization.build_model_for(config)
+      abstract = train_step.abstract_params(config, model, initialization.image_shape(config))
       shardings = sharding.param_shardings(abstract, mesh, config)
       assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(abstract)) > 10
       print('started', name, dict(mesh.shape))

@@ -22,6 +22,7 @@ import pytest
 import tensorflow as tf
 
 from ddep_jax import checkpoints
+from ddep_jax import initialization
 from ddep_jax import optimizer as optimizer_lib
 from ddep_jax import performance
 from ddep_jax import sharding
@@ -56,8 +57,8 @@ def _main_command(config_arg, workdir):
 
 def _fresh_state(config):
   """The state a run of `config` starts from (same seed, same init) before any init_from."""
-  model = train.build_model_for(config)
-  image_shape = train._image_shape(config)  # pylint: disable=protected-access
+  model = initialization.build_model_for(config)
+  image_shape = initialization.image_shape(config)  # pylint: disable=protected-access
   abstract = train_step_lib.abstract_params(config, model, image_shape)
   opt = optimizer_lib.make_optimizer(config, abstract, config.total_steps)
   mesh = sharding.make_mesh(config)
@@ -97,7 +98,7 @@ def test_three_stage_chain_carries_the_right_weights(digit_scenes_dir, tmp_path)
   with finetune.unlocked():
     finetune.init_from.checkpoint = str(tmp_path / 'ddep')
   fresh = _fresh_state(finetune)
-  start, description = train._initial_params(finetune, fresh)  # pylint: disable=protected-access
+  start, description = initialization.initial_params(finetune, fresh)  # pylint: disable=protected-access
   start = _flat(start)
   assert 'parameters from' in description
   for k in ddep_params:
@@ -119,7 +120,7 @@ def test_init_from_errors_name_paths_and_shapes(digit_scenes_dir, tmp_path):
   with config.unlocked():
     config.init_from.checkpoint = str(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match='No Orbax checkpoint found'):
-    train._initial_params(config, _fresh_state(config))  # pylint: disable=protected-access
+    initialization.initial_params(config, _fresh_state(config))  # pylint: disable=protected-access
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(digit_scenes_dir, tmp_path):
@@ -277,8 +278,8 @@ def _assert_logs_cost_analysis_flops_and_mfu(config, workdir):
   """The run logged its step's FLOPs (XLA cost analysis) and MFU against the configured peak."""
   logged = _logged_scalars(workdir)
   # The same step compiled again here (a hit in the session's compilation cache).
-  model = train.build_model_for(config)
-  image_shape = train._image_shape(config)  # pylint: disable=protected-access
+  model = initialization.build_model_for(config)
+  image_shape = initialization.image_shape(config)  # pylint: disable=protected-access
   abstract = train_step_lib.abstract_params(config, model, image_shape)
   opt = optimizer_lib.make_optimizer(config, abstract, config.total_steps)
   mesh = sharding.make_mesh(config)

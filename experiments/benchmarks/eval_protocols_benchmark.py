@@ -22,9 +22,9 @@ import numpy as np
 
 from ddep_jax import evaluate
 from ddep_jax import inference
+from ddep_jax import initialization
 from ddep_jax import models
 from ddep_jax import sharding
-from ddep_jax import train
 from ddep_jax.data import input_pipeline
 
 _PROTOCOLS = flags.DEFINE_list('protocols', ['pascal_context', 'ade20k'], 'Protocols to time.')
@@ -85,7 +85,7 @@ def _config(name: str) -> ml_collections.ConfigDict:
 def run(name: str):
   config = _config(name)
   mesh = sharding.make_mesh(config)
-  model = train.build_model_for(config)
+  model = initialization.build_model_for(config)
   params = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32),
                       train=False)['params']
   batches = _batches(name, _BATCH_SIZE.value, _NUM_IMAGES.value)

@@ -21,9 +21,9 @@ import pytest
 
 from ddep_jax import checkpoints
 from ddep_jax import evaluate
+from ddep_jax import initialization
 from ddep_jax import optimizer as optimizer_lib
 from ddep_jax import sharding
-from ddep_jax import train
 from ddep_jax import train_step as train_step_lib
 from ddep_jax.data import input_pipeline
 
@@ -183,7 +183,7 @@ def test_sharded_state_checkpoint_and_evaluation_match_one_process(digit_scenes_
   out = tmp_path / 'out'
   harness.run(_worker_job('state', digit_scenes_dir, out), tmp_path / 'logs', timeout=TIMEOUT_S)
   config = worker.make_config('segment', digit_scenes_dir)
-  model = train.build_model_for(config)
+  model = initialization.build_model_for(config)
   abstract = worker.abstract_state(config, model)
   values = worker.random_values(abstract, worker.STATE_SEED)
   expected = worker.flat(values)
@@ -221,7 +221,7 @@ def test_sharded_state_checkpoint_and_evaluation_match_one_process(digit_scenes_
     np.testing.assert_array_equal(np.array(s['confusion']), confusion)
     _assert_results_equal(s['segment'], segment, SEGMENTATION_RESULTS)
   denoise_config = worker.make_config('denoise', digit_scenes_dir)
-  denoise_model = train.build_model_for(denoise_config)
+  denoise_model = initialization.build_model_for(denoise_config)
   denoise, _ = _single_process_evaluation(
       denoise_config, denoise_model,
       worker.denoise_params(denoise_config, denoise_model, mesh4), mesh4)
@@ -248,8 +248,8 @@ def test_two_process_training_equals_one_process(digit_scenes_dir, tmp_path):
   overrides = _trainer_overrides(**{'init_from.checkpoint': str(tmp_path / 'init'),
                                     'init_from.params': ('.*',), 'optimizer.eps': 1e-3})
   config = _trainer_config(arg, overrides)
-  model = train.build_model_for(config)
-  image_shape = train._image_shape(config)  # pylint: disable=protected-access
+  model = initialization.build_model_for(config)
+  image_shape = initialization.image_shape(config)  # pylint: disable=protected-access
   abstract_params = train_step_lib.abstract_params(config, model, image_shape)
   init_params = worker.random_values(abstract_params, worker.STATE_SEED)
   ckpt = checkpoints.Checkpointer(str(tmp_path / 'init'))
@@ -312,7 +312,7 @@ def test_two_process_training_equals_one_process(digit_scenes_dir, tmp_path):
 
   # The final evaluation over both processes equals one process's evaluation of the same params.
   written = _load_json(workdir / 'results' / 'val.json')
-  params = train.place_params(checkpoints.load_params(str(workdir), 4)[0], model, config, mesh)
+  params = initialization.place_params(checkpoints.load_params(str(workdir), 4)[0], model, config, mesh)
   single, _ = _single_process_evaluation(config, model, params, mesh)
   assert written['final'] is True and written['step'] == 4
   _assert_results_equal(written, single, SEGMENTATION_RESULTS)

@@ -7,7 +7,7 @@ Checks:
   * `input`: the train stream (whole split and a labelled subset) and the eval batches this
     process reads, as hashes of the examples, and where `subset_ids.txt` was written.
   * `state`: a train state with known random values, sharded across the processes, saved by
-    `checkpoints.Checkpointer` and restored; its host copy (`train._host_copy`); the parameters
+    `checkpoints.Checkpointer` and restored; its host copy (`initialization.host_copy`); the parameters
     as `checkpoints.load_params` reads them; segmentation (with its confusion matrix) and
     denoising evaluations; the files `train._save_config` / `evaluate.write_results` write.
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from ddep_jax import checkpoints
 from ddep_jax import evaluate
+from ddep_jax import initialization
 from ddep_jax import metrics
 from ddep_jax import optimizer as optimizer_lib
 from ddep_jax import sharding
@@ -128,7 +129,7 @@ def subset_config(input_config):
 
 def abstract_state(config, model):
   """The train state `{'step', 'params', 'opt_state'}` of `config` as ShapeDtypeStructs."""
-  image_shape = train._image_shape(config)  # pylint: disable=protected-access
+  image_shape = initialization.image_shape(config)  # pylint: disable=protected-access
   params = train_step_lib.abstract_params(config, model, image_shape)
   opt = optimizer_lib.make_optimizer(config, params, int(config.total_steps))
   return jax.eval_shape(lambda p: {'step': jnp.zeros((), jnp.int32), 'params': p,
@@ -189,7 +190,7 @@ class ConfusionSpy:
 def denoise_params(config, model, mesh):
   """Known random parameters of the denoising model, placed on `mesh`."""
   abstract = abstract_state(config, model)['params']
-  return train.place_params(random_values(abstract, STATE_SEED + 1), model, config, mesh)
+  return initialization.place_params(random_values(abstract, STATE_SEED + 1), model, config, mesh)
 
 
 # -- The checks -----------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def check_input(config, out: str) -> None:
 
 def check_state(config, out: str, shared: str) -> None:
   mesh = sharding.make_mesh(config)
-  model = train.build_model_for(config)
+  model = initialization.build_model_for(config)
   abstract = abstract_state(config, model)
   shardings = sharding.state_shardings(abstract, mesh, config)
   state = place(random_values(abstract, STATE_SEED), shardings)
@@ -221,7 +222,7 @@ def check_state(config, out: str, shared: str) -> None:
   ckpt = checkpoints.Checkpointer(run_dir)
   restored = ckpt.restore(ckpt.latest_step(), with_shardings(abstract, shardings))
   ckpt.close()
-  host_copy = train._host_copy(restored)  # pylint: disable=protected-access
+  host_copy = initialization.host_copy(restored)  # pylint: disable=protected-access
   np.savez(os.path.join(out, 'restored.npz'), **flat(host_copy))
   loaded, _ = checkpoints.load_params(run_dir)
   np.savez(os.path.join(out, 'loaded_params.npz'), **flat(loaded))
@@ -229,7 +230,7 @@ def check_state(config, out: str, shared: str) -> None:
   with ConfusionSpy() as spy:
     segment, _ = evaluate.make_evaluators(config, model, mesh)[0].run(restored['params'])
   denoise_config = make_config('denoise', config.input.data_dir)
-  denoise_model = train.build_model_for(denoise_config)
+  denoise_model = initialization.build_model_for(denoise_config)
   denoise, _ = evaluate.make_evaluators(denoise_config, denoise_model, mesh)[0].run(
       denoise_params(denoise_config, denoise_model, mesh))
 
