@@ -81,11 +81,7 @@ CPU smoke run: `python -m ddep_jax.main --config=configs/ade20k.py:init=none,run
 data_dir=$TFDS --workdir=/tmp/ade20k_smoke`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import stages  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import stages
 
 CONFIG_FILE = 'configs/ade20k.py'
 SWEEPS = {

@@ -90,14 +90,8 @@ CPU smoke run: `python -m ddep_jax.main --config=configs/cityscapes.py:init=none
 data_dir=$TFDS --workdir=/tmp/cityscapes_smoke`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ddep_pretrain  # pylint: disable=g-import-not-at-top,wrong-import-position
-import stages  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from ddep_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import stages
+from ddep_jax import inference
 
 CONFIG_FILE = 'configs/cityscapes.py'
 TABLE2_COUNTS = (2975, 744, 60, 30)
@@ -105,8 +99,7 @@ TABLE3_COUNTS = (2975, 372, 149)
 
 
 def _dep_run(hyper, predict_target='noise', noise_type='simple'):
-  return stages.pretrain_run(hyper, ddep_pretrain, 'dep', noise_type=noise_type,
-                             predict_target=predict_target)
+  return stages.pretrain_run(hyper, 'dep', noise_type=noise_type, predict_target=predict_target)
 
 
 def _fig6(hyper, arg):

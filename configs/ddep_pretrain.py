@@ -29,7 +29,7 @@ Sweeps. Run each with `--workdir_root=$PRETRAIN/<sweep>`: the fine-tuning config
   main        DDeP on ImageNet-21k, decoder_width 1, 2, 3      Fig. 6, Tables 5, 6, Fig. 7
   dep         DeP on Cityscapes, sigma 0.8: simple noise        Table 1 (both), Table 2 (noise),
               predicting image / noise, scaled noise           Fig. 6 DeP row (scaled)
-  noise_std   DDeP 1x, scaled sigma in NOISE_STD_GRID           Fig. 5 left (1 % labels)
+  noise_std   DDeP 1x, scaled sigma in paper.NOISE_STD_GRID    Fig. 5 left (1 % labels)
   noise_type  DDeP 1x, simple vs scaled noise, sigma 0.22       Fig. 5 right
   dataset     DDeP 1x on ImageNet-21k, VOC 2012, ADE20K,        Table 3
               Cityscapes fine + coarse
@@ -82,31 +82,13 @@ Arguments (`:k=v,...`; tuples as `a+b`):
   runlocal=False           one CPU step of the tiny twin model; data_dir=<TFDS data dir>.
 """
 
-import os
-import sys
+from configs import common
+from configs import paper
+from configs import stages
+from ddep_jax import objectives
+from ddep_jax.data import datasets
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-import stages  # pylint: disable=g-import-not-at-top,wrong-import-position
-import supervised_imagenet21k  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from ddep_jax import objectives  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ddep_jax.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-# §5.1: "The learning rate is 6e-5 for the 1x and 3x width decoders, and 1e-4 for the 2x".
-LEARNING_RATES = {1: 6e-5, 2: 1e-4, 3: 6e-5}
-NOISE_STD = 0.22  # §4.1, Fig. 5: the best sigma for scaled noise.
-DEP_NOISE_STD = 0.8  # Table 2.
-DDEP_EPOCHS = 100.0  # §5.1.
-DEP_EPOCHS = 6000.0  # Table 2.
 WARMUP_STEPS = 1000
-# Fig. 5 (left) does not list its sigmas. Ours apply to [-1, 1] images: the paper's optimum 0.22
-# is 0.22 here if its images were in [-1, 1], 0.44 if in [0, 1] (half the range doubles the
-# relative noise); 0.11 is how our 0.22 reads on Fig. 4's [0, 1] display. The grid holds all
-# three, brackets 0.22 and 0.44, and reaches the sigma = 0.8 of Table 2.
-NOISE_STD_GRID = (0.11, 0.15, 0.22, 0.3, 0.44, 0.8)
-# Table 3: decoder pretraining on ImageNet-21k vs on images of (or close to) each target dataset.
-TABLE3_DATASETS = ('imagenet21k_fall11', 'voc2012_images', 'ade20k', 'cityscapes_fine_coarse')
 
 # Dataset -> (train split, split of the denoising-loss evaluation). ImageNet-21k and the VOC
 # images have a single split: the evaluation then only monitors the fit on seen images.
@@ -128,7 +110,7 @@ def _sweep_main(hyper):
 def _sweep_dep(hyper):
   return hyper.product([
       hyper.fixed('arg.dep', True),
-      hyper.fixed('arg.noise_std', DEP_NOISE_STD),
+      hyper.fixed('arg.noise_std', paper.DEP_NOISE_STD),
       hyper.chainit([
           hyper.product([hyper.sweep('arg.noise_type', ['simple']),
                          hyper.sweep('arg.predict_target', ['image', 'noise'])]),
@@ -147,8 +129,7 @@ def _sweep_gamma(hyper):
 
 
 def _sweep_r50_unet(hyper):
-  encoder = stages.pretrain_run(hyper, supervised_imagenet21k, supervised_imagenet21k.SWEEP,
-                                model='r50_unet')
+  encoder = stages.pretrain_run(hyper, stages.SUPERVISED_SWEEP, model='r50_unet')
   return hyper.product([hyper.sweep('arg.model', ['r50_unet']),
                         hyper.fixed('arg.encoder_ckpt', encoder)])
 
@@ -156,9 +137,9 @@ def _sweep_r50_unet(hyper):
 SWEEPS = {
     'main': _sweep_main,
     'dep': _sweep_dep,
-    'noise_std': lambda hyper: hyper.sweep('arg.noise_std', NOISE_STD_GRID),
+    'noise_std': lambda hyper: hyper.sweep('arg.noise_std', paper.NOISE_STD_GRID),
     'noise_type': lambda hyper: hyper.sweep('arg.noise_type', ['simple', 'scaled']),
-    'dataset': lambda hyper: hyper.sweep('arg.dataset', TABLE3_DATASETS),
+    'dataset': lambda hyper: hyper.sweep('arg.dataset', paper.TABLE3_DATASETS),
     'gamma': _sweep_gamma,
     'r50_unet': _sweep_r50_unet,
 }
@@ -168,7 +149,7 @@ def _parse(arg):
   arg = common.parse_arg(
       arg, decoder_width=1, dep=False, dataset='', noise_type='scaled', noise_std=None,
       gamma=None, gamma_range=None, predict_target='noise', noise_conditioning=False,
-      model='transunet', npz=stages.RELEASED_ENCODER, encoder_ckpt='', pretrain_root='',
+      model='transunet', npz=paper.RELEASED_ENCODER, encoder_ckpt='', pretrain_root='',
       sweep='main', runlocal=False, data_dir='')
   stages.check_choice('sweep', arg.sweep, tuple(SWEEPS))
   return arg
@@ -195,19 +176,20 @@ def get_config(arg=None):
   denoising.noise_type = arg.noise_type
   denoising.predict_target = arg.predict_target
   by_gamma = arg.gamma is not None or arg.gamma_range is not None
-  default_std = DEP_NOISE_STD if arg.dep else NOISE_STD  # Table 2 (DeP) / Fig. 5 (DDeP).
+  # Table 2 (DeP) / Fig. 5 (DDeP).
+  default_std = paper.DEP_NOISE_STD if arg.dep else paper.NOISE_STD
   denoising.noise_std = arg.noise_std if (arg.noise_std is not None or by_gamma) else default_std
   denoising.gamma = arg.gamma
   denoising.gamma_range = None if arg.gamma_range is None else tuple(arg.gamma_range)
   objectives.check_denoising_config(denoising)
 
   config.optimizer.name = 'adam'
-  config.lr = LEARNING_RATES.get(arg.decoder_width, LEARNING_RATES[1])
+  config.lr = paper.DDEP_LEARNING_RATES.get(arg.decoder_width, paper.DDEP_LEARNING_RATES[1])
   config.wd = 0.0
   schedule = dict(decay_type='cosine', warmup_steps=WARMUP_STEPS)
   # DDeP (§4): the encoder is frozen, so only the decoder (and head) learn; DeP trains all.
   config.schedule = (('.*', schedule),) if arg.dep else (('encoder/.*', None), ('.*', schedule))
-  config.total_epochs = DEP_EPOCHS if arg.dep else DDEP_EPOCHS
+  config.total_epochs = paper.DEP_EPOCHS if arg.dep else paper.DDEP_EPOCHS
   config.total_steps = 0
   config.checkpoint_every_steps = 5000
   config.keep_checkpoints = 2

@@ -42,12 +42,9 @@ Paths in the argument may not contain ',', '+' or '='.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from ddep_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
+from ddep_jax import models
 
 STAGES = ('supervised', 'ddep', 'dep', 'finetune')
 INITS = ('none', 'supervised', 'dep', 'ddep')

@@ -103,22 +103,15 @@ CPU smoke run: `python -m ddep_jax.main --config=configs/pascal_context.py:init=
 runlocal=True,data_dir=$TFDS --workdir=/tmp/pascal_context_smoke`.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ddep_pretrain  # pylint: disable=g-import-not-at-top,wrong-import-position
-import stages  # pylint: disable=g-import-not-at-top,wrong-import-position
-import supervised_imagenet21k  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import stages
 
 CONFIG_FILE = 'configs/pascal_context.py'
 
 
 def _table7(hyper, arg):
   stages.require_pretrain_root(arg, CONFIG_FILE)
-  supervised = stages.pretrain_run(hyper, supervised_imagenet21k, supervised_imagenet21k.SWEEP,
-                                   model='r50_unet')
-  ddep = stages.pretrain_run(hyper, ddep_pretrain, 'r50_unet', model='r50_unet')
+  supervised = stages.pretrain_run(hyper, stages.SUPERVISED_SWEEP, model='r50_unet')
+  ddep = stages.pretrain_run(hyper, 'r50_unet', model='r50_unet')
   # "we train a standard U-Net with a ResNet50 encoder ... (without multi-scale evaluation)".
   fixed = dict(model='r50_unet', multiscale=False)
   rows = [stages.row(hyper, 'none', 1, **fixed),

@@ -16,13 +16,14 @@ common, so that each fact is written once:
 
 How the stages find each other. A sweep of an earlier stage is run with
 `--workdir_root=<pretrain_root>/<sweep name>`, so every pretraining run lives at
-`<pretrain_root>/<sweep name>/<run name>` (run names are made by `experiments.sweep` from the
-run's tags, e.g. `main/decoder_width=2`). Fine-tuning sweeps take `pretrain_root` in their
+`<pretrain_root>/<sweep name>/<run name>`, the run name a function of the run's tags alone
+(`hyper.run_name`, e.g. `main/decoder_width=2`): `pretrain_run` computes it from the tags,
+without expanding the earlier stage's sweep. Fine-tuning sweeps take `pretrain_root` in their
 argument and point each run at the right one (`init_ckpt`); single runs may pass `init_ckpt`
 as an absolute path instead.
 
-Config files are loaded by path (ml_collections' config_flags), so the experiment files put this
-directory on sys.path and `import stages` as they `import common`.
+The experiment files import this module as `from configs import stages`; it imports only
+`configs.common` and `configs.paper`, never an experiment file.
 """
 
 import dataclasses
@@ -31,7 +32,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
-import common
+from configs import common
+from configs import paper
 from ddep_jax import inference
 from ddep_jax import models
 from ddep_jax.data import datasets
@@ -41,22 +43,14 @@ MODEL_PRESETS = {
     'transunet': ('R50+ViT-B_16', 'tiny'),        # §2, Fig. 2: TransUNet, R50+ViT-B/16 encoder.
     'r50_unet': ('R50-UNet', 'tiny-R50-UNet'),    # Table 7: U-Net with a ResNet-50 encoder.
 }
-# Fine-tuning initialisations (Fig. 6 rows): random; ImageNet-21k encoder; denoising-pretrained
-# encoder + decoder (§3); supervised encoder + denoising-pretrained decoder (§4).
-INITS = ('none', 'supervised', 'dep', 'ddep')
-# The released ImageNet-21k encoder of TransUNet / vision_transformer (gs://vit_models/imagenet21k).
-RELEASED_ENCODER = 'R50+ViT-B_16.npz'
 # Parameters a fine-tuning run carries from a (D)DeP run: encoder and decoder, except the FiLM
 # layers and noise embedding of a noise-conditioned decoder (§4.4), which need a noise level that
 # segmentation does not have. For an unconditioned decoder this is every decoder parameter.
 DECODER_PARAMS = r'decoder/(?!noise_embedding/)(?!.*/film/).*'
+# The sweep of configs/supervised_imagenet21k.py: its runs live under
+# <pretrain_root>/supervised/<run name>.
+SUPERVISED_SWEEP = 'supervised'
 
-# §5.1: "Adam ... cosine learning rate decay". The paper gives no warm-up; MMSegmentation's
-# transformer schedules warm up linearly over the first 1500 iterations.
-FINETUNE_WARMUP_STEPS = 1500
-# Single runs: one point of the grid that the sweeps search (§5.1: lr and wd in [1e-5, 3e-4]).
-FINETUNE_LR = 1e-4
-FINETUNE_WD = 1e-4
 # Label amounts outside `experiments.hyper.PROTOCOLS` (Table 2's 60 and 30 Cityscapes images,
 # Table 3's "5 %" of Cityscapes) get the paper's repetitions of its other small amounts.
 EXTRA_AMOUNT_RUNS = 10
@@ -181,9 +175,9 @@ def finetune_arg(arg: str | None, setup: FinetuneSetup) -> ml_collections.Config
   """Parses the argument of a fine-tuning config (see the dataset files for the meaning)."""
   arg = common.parse_arg(
       arg, init='ddep', decoder_width=1, model='transunet', init_ckpt='', pretrain_root='',
-      npz=RELEASED_ENCODER, label_fraction=None, label_count=None, subset_seed=0,
+      npz=paper.RELEASED_ENCODER, label_fraction=None, label_count=None, subset_seed=0,
       multiscale=setup.multiscale, sweep=next(iter(setup.sweeps)), runlocal=False, data_dir='')
-  check_choice('init', arg.init, INITS)
+  check_choice('init', arg.init, paper.INITS)
   check_choice('model', arg.model, tuple(MODEL_PRESETS))
   check_choice('sweep', arg.sweep, tuple(setup.sweeps))
   if arg.label_fraction is not None and arg.label_count is not None:
@@ -222,9 +216,10 @@ def finetune_config(arg: ml_collections.ConfigDict, setup: FinetuneSetup
 
   # §5.1: Adam, cosine decay; lr and wd are swept in [1e-5, 3e-4] (`get_sweep`).
   config.optimizer.name = 'adam'
-  config.lr = FINETUNE_LR
-  config.wd = FINETUNE_WD
-  config.schedule = (('.*', dict(decay_type='cosine', warmup_steps=FINETUNE_WARMUP_STEPS)),)
+  config.lr = paper.FINETUNE_LR
+  config.wd = paper.FINETUNE_WD
+  config.schedule = (
+      ('.*', dict(decay_type='cosine', warmup_steps=paper.FINETUNE_WARMUP_STEPS)),)
   config.total_steps = setup.total_steps
   config.total_epochs = 0.0
   config.log_every_steps = 100
@@ -321,20 +316,14 @@ def finetune_sweep(hyper, rows: Sequence[list[dict]], labels: list[dict]) -> lis
   return hyper.product([hyper.chainit(rows), labels, hyper.lr_wd_grid()])
 
 
-def pretrain_run(hyper, stage_module, sweep_name: str, **tags) -> str:
-  """`<sweep name>/<run name>` of the run of an earlier stage's sweep with these tags.
+def pretrain_run(hyper, sweep_name: str, **tags) -> str:
+  """`<sweep name>/<run name>` of the run of an earlier stage's sweep that has these tags.
 
-  Names come from `experiments.sweep`, exactly as it names the work directories of that sweep
-  (run with `--workdir_root=<pretrain_root>/<sweep name>`).
+  A pure function of the tags: `experiments.sweep` names every work directory of a sweep
+  `hyper.run_name(tags)` (run with `--workdir_root=<pretrain_root>/<sweep name>`), so `tags` must
+  be all the tags of that run (e.g. `decoder_width=2` for `ddep_pretrain.py:sweep=main`).
   """
-  from experiments import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
-  runs = sweep_lib.expand(stage_module.__name__, None, stage_module.sweep_runs(hyper, sweep_name),
-                          sweep_name)
-  matches = [r for r in runs if all(k in r.tags and r.tags[k] == v for k, v in tags.items())]
-  if len(matches) != 1:
-    raise ValueError(f'{stage_module.__name__} sweep {sweep_name!r} has {len(matches)} runs with '
-                     f'tags {tags} (its runs: {[r.name for r in runs]}).')
-  return matches[0].workdir
+  return posixpath.join(sweep_name, hyper.run_name(tags))
 
 
 def require_pretrain_root(arg: ml_collections.ConfigDict, config_file: str) -> None:
@@ -355,11 +344,10 @@ def require_pretrain_root(arg: ml_collections.ConfigDict, config_file: str) -> N
 def decoder_width_sweep(hyper, arg, config_file: str, protocol: str,
                         widths: Sequence[int]) -> list[dict]:
   """No pretraining / Supervised / DDeP at each decoder width (Fig. 6, Table 6, Fig. 7)."""
-  import ddep_pretrain  # pylint: disable=g-import-not-at-top
   require_pretrain_root(arg, config_file)
   rows = []
   for width in widths:
-    ddep = pretrain_run(hyper, ddep_pretrain, 'main', decoder_width=width)
+    ddep = pretrain_run(hyper, 'main', decoder_width=width)
     rows += [row(hyper, 'none', width), row(hyper, 'supervised', width),
              row(hyper, 'ddep', width, ddep)]
   return finetune_sweep(hyper, rows, label_runs(hyper, protocol))
@@ -373,19 +361,16 @@ def pretrain_variant_sweep(hyper, arg, config_file: str, protocol: str, sweep_na
   Each variant (the tags of a run of `sweep_name`, e.g. `dict(noise_type='simple')`) is a row,
   tagged by its `init_ckpt` (`<sweep>/<run name>`).
   """
-  import ddep_pretrain  # pylint: disable=g-import-not-at-top
   require_pretrain_root(arg, config_file)
-  rows = [row(hyper, init, decoder_width,
-              pretrain_run(hyper, ddep_pretrain, sweep_name, **tags), tag_ckpt=True)
+  rows = [row(hyper, init, decoder_width, pretrain_run(hyper, sweep_name, **tags), tag_ckpt=True)
           for tags in variants]
   return finetune_sweep(hyper, rows, label_runs(hyper, protocol, amounts))
 
 
 def noise_std_sweep(hyper, arg, config_file: str, protocol: str) -> list[dict]:
   """Fig. 5, left: DDeP with each noise magnitude, fine-tuned on 1 % of the labels."""
-  import ddep_pretrain  # pylint: disable=g-import-not-at-top
   return pretrain_variant_sweep(hyper, arg, config_file, protocol, 'noise_std',
-                                [dict(noise_std=s) for s in ddep_pretrain.NOISE_STD_GRID], [0.01])
+                                [dict(noise_std=s) for s in paper.NOISE_STD_GRID], [0.01])
 
 
 def noise_type_sweep(hyper, arg, config_file: str, protocol: str) -> list[dict]:

@@ -37,16 +37,10 @@ Target: the released checkpoint; its quality shows downstream as the "Supervised
 Fig. 6 and Tables 2, 6, 7 (e.g. Cityscapes full 80.36 mIoU, Pascal Context 100 % 59.74).
 """
 
-import os
-import sys
+from configs import common
+from configs import stages
+from ddep_jax.data import datasets
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-import stages  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from ddep_jax.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-SWEEP = 'supervised'  # Its runs live under <pretrain_root>/supervised/<run name>.
 HOLDOUT = 25_600  # Evaluation images cut off the front of the single ImageNet-21k split.
 LOCAL_HOLDOUT = 2
 
@@ -101,10 +95,11 @@ def get_config(arg=None):
   return config
 
 
-def sweep_runs(hyper, name=SWEEP):
+def sweep_runs(hyper, name=stages.SUPERVISED_SWEEP):
   """The stage-1 runs: one per encoder (the TransUNet one only reproduces the released file)."""
-  if name != SWEEP:
-    raise ValueError(f'supervised_imagenet21k.py has one sweep, {SWEEP!r}; got {name!r}.')
+  if name != stages.SUPERVISED_SWEEP:
+    raise ValueError(f'supervised_imagenet21k.py has one sweep, {stages.SUPERVISED_SWEEP!r}; '
+                     f'got {name!r}.')
   return hyper.sweep('arg.model', ['r50_unet', 'transunet'])
 
 

@@ -1,6 +1,6 @@
 r"""Why does the demo's fine-tuning predict only background? Measurements on a finished demo.
 
-  python experiments/demo_diagnostics.py --demo_dir=workdirs/demo \
+  python -m experiments.demo_diagnostics --demo_dir=workdirs/demo \
       [--inits=none,supervised,dep,ddep] [--steps=300] [--lr=2e-3] [--num_labelled=1000] \
       [--binary] [--seed=0] [--data_dir=<demo_dir>/tfds]
 
@@ -26,7 +26,6 @@ This is a diagnostic script, not part of `make demo`; docs/demo.md reports what 
 """
 
 import os
-import sys
 import time
 from typing import Any
 
@@ -39,18 +38,14 @@ import numpy as np
 import optax
 import tensorflow_datasets as tfds
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-  sys.path.insert(0, REPO_ROOT)  # `experiments` is not installed.
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from ddep_jax import checkpoints
 from ddep_jax import metrics
 from ddep_jax import models
 from ddep_jax import objectives
 from ddep_jax.data.builders import digit_scenes
 from experiments import sweep
-# pylint: enable=g-import-not-at-top,wrong-import-position
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
 _EVAL_BATCH = 100

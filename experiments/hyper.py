@@ -35,7 +35,9 @@ Building blocks (each returns a list of runs, so they nest freely):
 
 Tags and work-directory names: keys set with `sweep` are the run's *coordinates*. They become its
 `tags` (recorded in `run.json`, used by `experiments.collect_results` for rows, columns, seeds and
-hyper-parameters) and its work-directory name, e.g. `init=ddep-label_count=100-lr=0.0001-...`.
+hyper-parameters) and its work-directory name (`run_name(tags)`), e.g.
+`init=ddep-label_count=100-lr=0.0001-...`: a function of the tags alone, so a config can name
+the run of an earlier stage's sweep it starts from (`configs.stages.pretrain_run`).
 A tag is named by the last component of its key (`config.input.label_count` -> `label_count`),
 longer suffixes only where two keys would clash. Keys set with `fixed`, or with
 `sweep(..., tag=False)`, change the run but not its name: use them for values that do not
@@ -46,6 +48,7 @@ single value: `hyper.sweep('arg.decoder_width', [1])`, not `hyper.fixed(...)`.
 """
 
 import dataclasses
+import hashlib
 import itertools
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -53,6 +56,10 @@ from typing import Any, Iterable, Mapping, Sequence
 Run = dict[str, Any]
 
 _KEY_RE = re.compile(r'^(config\.[A-Za-z_]\w*(\.[A-Za-z_]\w*)*|arg\.[A-Za-z_]\w*)$')
+# Work-directory names keep to characters that are safe in file names, shell words and GCS
+# object names; everything else becomes '_'.
+_UNSAFE_RE = re.compile(r'[^A-Za-z0-9._=+-]')
+_MAX_NAME_LEN = 200  # File-name components are limited to 255 bytes on common file systems.
 
 # Fine-tuning grid (§5.1: "we sweep over weight decay and learning rate values between
 # [1e-5, 3e-4]"). The paper does not list its grid points; half-decade steps span the interval.
@@ -189,3 +196,32 @@ def lr_wd_grid(lrs: Sequence[float] = LEARNING_RATES, wds: Sequence[float] = WEI
                lr_key: str = 'config.lr', wd_key: str = 'config.wd') -> list[Run]:
   """The fine-tuning grid: every learning rate x every weight decay (tags `lr`, `wd`)."""
   return product([sweep(lr_key, lrs), sweep(wd_key, wds)])
+
+
+# -- run names: a run's work directory is a function of its tags ---------------------------------
+
+def format_value(value: Any) -> str:
+  """A value as written on the command line (parsed back by ml_collections' config_flags)."""
+  if isinstance(value, float):
+    return repr(value)  # Shortest exact form: 0.0001, 1e-05.
+  if isinstance(value, (list, tuple)):
+    return repr(tuple(value))
+  return str(value)
+
+
+def compact_value(value: Any) -> str:
+  """A value as written in names and config arguments: tuples as `a+b` (`configs.common`)."""
+  if isinstance(value, (list, tuple)):
+    return '+'.join(compact_value(v) for v in value)
+  return format_value(value)
+
+
+def run_name(tags: Mapping[str, Any]) -> str:
+  """The work-directory name of a run: its tags, sorted by name, as `tag=value` joined by '-'."""
+  name = '-'.join(f'{k}={compact_value(tags[k])}' for k in sorted(tags)) or 'run'
+  name = _UNSAFE_RE.sub('_', name)
+  if len(name) > _MAX_NAME_LEN:
+    # Still unique and stable: a digest of the full name replaces the tail.
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    name = f'{name[:_MAX_NAME_LEN - 11]}-{digest}'
+  return name

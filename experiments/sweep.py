@@ -25,7 +25,7 @@ it to run the same sweep on every worker of a pod slice, with `gs://` work direc
 
 import dataclasses
 import fnmatch
-import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -44,10 +44,6 @@ from experiments import hyper
 TRAINER_MODULE = 'ddep_jax.main'
 # Set by the TPU launcher on every worker of a pod slice to its worker number.
 PROCESS_INDEX_ENV = 'DDEP_PROCESS_INDEX'
-# Work-directory names keep to characters that are safe in file names, shell words and GCS
-# object names; everything else becomes '_'.
-_UNSAFE_RE = re.compile(r'[^A-Za-z0-9._=+-]')
-_MAX_NAME_LEN = 200  # File-name components are limited to 255 bytes on common file systems.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,33 +74,6 @@ class Run:
 
 # -- values, names, commands ---------------------------------------------------------------------
 
-def format_value(value: Any) -> str:
-  """A value as written on the command line (parsed back by ml_collections' config_flags)."""
-  if isinstance(value, float):
-    return repr(value)  # Shortest exact form: 0.0001, 1e-05.
-  if isinstance(value, (list, tuple)):
-    return repr(tuple(value))
-  return str(value)
-
-
-def compact_value(value: Any) -> str:
-  """A value as written in names and config arguments: tuples as `a+b` (`configs.common`)."""
-  if isinstance(value, (list, tuple)):
-    return '+'.join(compact_value(v) for v in value)
-  return format_value(value)
-
-
-def run_name(tags: Mapping[str, Any]) -> str:
-  """The work-directory name of a run: its tags, sorted by name, as `tag=value` joined by '-'."""
-  name = '-'.join(f'{k}={compact_value(tags[k])}' for k in sorted(tags)) or 'run'
-  name = _UNSAFE_RE.sub('_', name)
-  if len(name) > _MAX_NAME_LEN:
-    # Still unique and stable: a digest of the full name replaces the tail.
-    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-    name = f'{name[:_MAX_NAME_LEN - 11]}-{digest}'
-  return name
-
-
 def tag_names(keys: Sequence[str]) -> dict[str, str]:
   """Maps each key to its shortest dotted suffix not shared with another key of `keys`."""
   names = {}
@@ -129,7 +98,7 @@ def fold_arg(base_arg: str | None, entries: Mapping[str, Any]) -> str | None:
   items = [s for s in (base_arg or '').split(',') if s]
   keys = [s.split('=', 1)[0] for s in items]
   for name in sorted(entries):
-    text = compact_value(entries[name])
+    text = hyper.compact_value(entries[name])
     if ',' in text:
       raise ValueError(f'arg.{name}={text!r}: values folded into the config argument cannot '
                        f'contain ","; use a config.<key> override instead.')
@@ -150,7 +119,7 @@ def train_command(config_spec: str, workdir: str, overrides: Mapping[str, Any] =
   strings appended as given (launch settings such as `config.distributed.initialize=True`).
   """
   argv = [python, '-m', module, f'--config={config_spec}', f'--workdir={workdir}']
-  argv += [f'--{key}={format_value(overrides[key])}' for key in sorted(dict(overrides))]
+  argv += [f'--{key}={hyper.format_value(overrides[key])}' for key in sorted(dict(overrides))]
   for setting in extra:
     key = setting.split('=', 1)[0]
     if '=' not in setting or not key.startswith('config.'):
@@ -170,15 +139,40 @@ def parse_config_spec(spec: str) -> tuple[str, str | None]:
 
 
 def load_config_module(config_file: str):
-  """Imports a config file by path, as ml_collections' config_flags does."""
+  """Imports a config file by path, as ml_collections' config_flags does.
+
+  A file of the `configs` package (`configs/x.py` from the repository root) is imported as
+  `configs.x`, the name its fellow config modules know it by, so it is never loaded twice; other
+  files (a copy elsewhere, `tests/tiny_config.py`) are loaded from their path.
+  """
   if not os.path.isfile(config_file):
     raise FileNotFoundError(f'Config file {config_file!r} not found (relative paths are taken '
                             f'from the current directory {os.getcwd()!r}).')
+  module_name = _package_module_name(config_file)
+  if module_name is not None:
+    return importlib.import_module(module_name)
   name = '_sweep_config_' + re.sub(r'\W', '_', os.path.splitext(config_file)[0])
   spec = importlib.util.spec_from_file_location(name, config_file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def _package_module_name(config_file: str) -> str | None:
+  """`configs.<name>` when that module is this very file, else None."""
+  directory, filename = os.path.split(os.path.abspath(config_file))
+  stem, ext = os.path.splitext(filename)
+  if ext != '.py' or not stem.isidentifier() or not os.path.isfile(
+      os.path.join(directory, '__init__.py')):
+    return None
+  module_name = f'{os.path.basename(directory)}.{stem}'
+  try:
+    spec = importlib.util.find_spec(module_name)
+  except (ImportError, ValueError):
+    return None
+  if spec is None or not spec.origin or not os.path.samefile(spec.origin, config_file):
+    return None
+  return module_name
 
 
 def expand(config_file: str, config_arg: str | None, runs: Sequence[Mapping[str, Any]],
@@ -203,7 +197,7 @@ def expand(config_file: str, config_arg: str | None, runs: Sequence[Mapping[str,
       values[key] = value
     names = tag_names(tagged)
     tags = {names[k]: values[k] for k in sorted(tagged)}
-    name = run_name(tags)
+    name = hyper.run_name(tags)
     run = Run(
         name=name, workdir=fileio.join(workdir_root, name), config_file=config_file,
         config_arg=fold_arg(config_arg, {k[len('arg.'):]: v for k, v in values.items()

@@ -17,7 +17,6 @@ import importlib
 import json
 import os
 import re
-import sys
 
 from absl import flags
 import flax
@@ -43,8 +42,8 @@ from experiments import sweep as sweep_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'configs')
-sys.path.insert(0, CONFIGS)
-stages = importlib.import_module('stages')
+paper = importlib.import_module('configs.paper')
+stages = importlib.import_module('configs.stages')
 
 PAPER_CONFIGS = ('supervised_imagenet21k', 'ddep_pretrain', 'cityscapes', 'pascal_context',
                  'ade20k')
@@ -102,7 +101,7 @@ EXPECTED_SWEEPS = {
 
 
 def _module(name):
-  return importlib.import_module(name)
+  return importlib.import_module(f'configs.{name}')
 
 
 def _config_path(name):
@@ -248,7 +247,7 @@ def test_dep_and_noise_variants():
   assert ddep_pretrain.get_config('dep=True,gamma=0.95').denoising.noise_std is None
   # Fig. 5's sigmas (on [-1, 1] images) hold both readings of the optimum: 0.22 if the paper's
   # images were in [-1, 1], 0.44 if in [0, 1]; and 0.11, our 0.22 read on [0, 1].
-  assert {0.11, 0.22, 0.44, 0.8} <= set(ddep_pretrain.NOISE_STD_GRID)
+  assert {0.11, 0.22, 0.44, 0.8} <= set(paper.NOISE_STD_GRID)
   dep = ddep_pretrain.get_config('dep=True,noise_type=simple,noise_std=0.8,predict_target=image')
   assert len(dep.schedule) == 1 and dep.schedule[0][0] == '.*'  # The whole model trains.
   assert (dep.input.dataset, dep.input.split, dep.total_epochs) == (
@@ -392,7 +391,7 @@ def test_finetuning_sweeps_start_from_the_runs_the_pretraining_sweeps_make(name)
           dep_run = len(source_config.schedule) == 1  # Nothing frozen.
           assert dep_run == (init == 'dep'), arg
       else:
-        assert init == 'none' or config.init_from.npz == stages.RELEASED_ENCODER
+        assert init == 'none' or config.init_from.npz == paper.RELEASED_ENCODER
 
 
 @pytest.mark.parametrize('name,arg', [

@@ -17,7 +17,6 @@ import pytest
 from ddep_jax import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'configs'))
 
 PAPER_CONFIGS = {  # name -> (argument, train batch, eval batch)
     'supervised_imagenet21k': ('', 4096, 1024),
@@ -29,7 +28,7 @@ PAPER_CONFIGS = {  # name -> (argument, train batch, eval batch)
 
 
 def _config(name, arg):
-  return importlib.import_module(name).get_config(arg or None)
+  return importlib.import_module(f'configs.{name}').get_config(arg or None)
 
 
 @pytest.mark.parametrize('name', sorted(PAPER_CONFIGS))
@@ -37,7 +36,7 @@ def test_paper_configs_state_and_fit_their_slices(name):
   arg, batch, eval_batch = PAPER_CONFIGS[name]
   config = _config(name, arg)
   assert (config.input.batch_size, config.evals.val.batch_size) == (batch, eval_batch)
-  doc = importlib.import_module(name).__doc__
+  doc = importlib.import_module(f'configs.{name}').__doc__
   assert 'Slices' in doc and 'v5p-32' in doc and 'v5litepod-16' in doc
   # v4-32, v5litepod-16, v5p-32: 16 devices on 4 hosts.
   if name == 'cityscapes':
@@ -68,14 +67,13 @@ def test_eval_only_check_and_the_eval_override():
 # overrides; with them the mesh and the parameter shardings (through jax.eval_shape, no compile:
 # initialising on 16 CPU devices costs a minute per model) are built.
 _SIXTEEN = textwrap.dedent("""\
-    import importlib, re, sys
+    import importlib, re
     import jax
-    sys.path.insert(0, 'configs')
     from ddep_jax import initialization, sharding, train_step
     from ddep_jax.data import input_pipeline
     assert jax.device_count() == 16
     for name, arg in %r:
-      config = importlib.import_module(name).get_config(arg + 'runlocal=True')
+      config = importlib.import_module('configs.' + name).get_config(arg + 'runlocal=True')
       try:
         sharding.check_batch_sizes(config, jax.device_count(), 4)
         raise SystemExit(name + ': batch 8 was not refused on 16 devices')

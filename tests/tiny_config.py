@@ -3,13 +3,8 @@
   python -m ddep_jax.main --config=tests/tiny_config.py:task=segment,data_dir=DIR --workdir=W
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs'))
-import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from ddep_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import common
+from ddep_jax import models
 
 _DATASETS = {'classify': 'digit_scenes_classification', 'denoise': 'digit_scenes_unlabeled',
              'segment': 'digit_scenes'}

@@ -1,5 +1,6 @@
 """Tests of experiments.sweep: names, commands, validation and running a sweep locally."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -98,20 +99,20 @@ def test_expand_one_run_exactly():
 
 
 def test_names_are_safe_and_values_exact():
-  assert sweep.run_name({'init_from': 'gs://b/run 1/ckpt', 'scales': (0.5, 1.0), 'flip': True,
+  assert hyper.run_name({'init_from': 'gs://b/run 1/ckpt', 'scales': (0.5, 1.0), 'flip': True,
                          'width': None}) == ('flip=True-init_from=gs___b_run_1_ckpt-'
                                              'scales=0.5+1.0-width=None')
-  assert sweep.run_name({}) == 'run'
-  assert sweep.format_value(0.1 + 0.2) == '0.30000000000000004'  # Never rounded: no clashes.
-  assert sweep.format_value([0.5, 1]) == '(0.5, 1)'
+  assert hyper.run_name({}) == 'run'
+  assert hyper.format_value(0.1 + 0.2) == '0.30000000000000004'  # Never rounded: no clashes.
+  assert hyper.format_value([0.5, 1]) == '(0.5, 1)'
 
 
 def test_long_names_are_cut_with_a_stable_digest():
   tags = {f'key{i}': 'x' * 20 for i in range(12)}
-  name = sweep.run_name(tags)
-  assert len(name) == 200 and name == sweep.run_name(dict(reversed(list(tags.items()))))
+  name = hyper.run_name(tags)
+  assert len(name) == 200 and name == hyper.run_name(dict(reversed(list(tags.items()))))
   assert name.startswith('key0=xxxx') and name[-11] == '-'
-  assert name != sweep.run_name({**tags, 'key11': 'y' * 20})
+  assert name != hyper.run_name({**tags, 'key11': 'y' * 20})
 
 
 def test_tag_names_lengthen_only_on_clashes():
@@ -295,3 +296,13 @@ def test_only_worker_zero_writes_run_json(repo):
   assert sweep.run_sweep(runs, python=sys.executable, module='fake_trainer',
                          process_index=0) == []
   assert json.loads((repo / 'wd' / NAMES[0] / 'run.json').read_text())['name'] == NAMES[0]
+
+
+def test_a_config_of_the_configs_package_is_loaded_once_under_its_package_name():
+  # The config files import each other's helpers as `configs.<name>`; loading one by path must
+  # give that same module, not a second copy under another name.
+  path = os.path.join(REPO_ROOT, 'configs', 'cityscapes.py')
+  module = sweep.load_config_module(path)
+  assert module.__name__ == 'configs.cityscapes'
+  assert module is importlib.import_module('configs.cityscapes')
+  assert sweep.load_config_module(os.path.relpath(path)) is module
