@@ -29,7 +29,7 @@ images: a hybrid keeps the first 2 or 1 of its ResNet stages (stride 8 or 4, pat
 ViT takes 8x8 or 4x4 patches, and the decoder keeps the widths of the stages it still has (the
 last 4 or 3 of `base_widths`: it starts at the encoder's stride, see `model.py`). E.g.
 `get_config('tiny', output_stride=4)` gives an 8x8 token map on 32x32 images. No released
-checkpoint has these layouts (an R50 checkpoint's missing stages are reported when loading).
+checkpoint has these layouts (loading an R50 file names its extra stages).
 """
 
 import math
