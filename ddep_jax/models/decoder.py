@@ -56,9 +56,9 @@ def check_base_widths(base_widths: Sequence[int], scales: Sequence[int]):
   stages = ', '.join(f'1/{s}' for s in scales)
   raise ValueError(
       f'model.decoder.base_widths={tuple(base_widths)} has {len(base_widths)} widths, but the '
-      f'encoder feeds {len(scales)} decoder stages ({stages}; one per x2 upsampling from its '
-      f'output stride {scales[0]}). Set model.decoder.base_widths to one width per stage, e.g. '
-      f'{suggestion}.')
+      f'encoder feeds {len(scales)} decoder stages ({stages}: one at 1/{scales[0]}, the '
+      f'encoder output, then one per x2 upsampling). Set model.decoder.base_widths to one width '
+      f'per stage, e.g. {suggestion}.')
 
 
 def upsample2x(x: jnp.ndarray) -> jnp.ndarray:
