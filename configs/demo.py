@@ -1,6 +1,6 @@
 r"""The miniature DDeP reproduction of `make demo`: every stage on the embedded digit scenes.
 
-`python -m ddep_jax.demo --workdir=workdirs/demo` runs all of it (see docs/demo.md). Each run is
+`python -m experiments.demo --workdir=workdirs/demo` runs all of it (see docs/demo.md). Each run is
 an ordinary trainer run of this file, so any one of them can be repeated by hand:
 
   python -m ddep_jax.main --config=configs/demo.py:stage=supervised \

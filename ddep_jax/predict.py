@@ -43,6 +43,7 @@ from ddep_jax import checkpoints
 from ddep_jax import inference
 from ddep_jax import models
 from ddep_jax.data import datasets
+from ddep_jax.data import preprocessing
 
 LEGEND_WIDTH = 160
 _LEGEND_ROW = 14
@@ -61,6 +62,10 @@ class Protocol:
   crop_size: Optional[tuple[int, int]] = None
   stride: Optional[tuple[int, int]] = None
   size_divisor: int = 16
+  # The eval input's `resize` (None: own size; an int: short side; (h, w): fixed). The label
+  # map is brought back to the image's size as MMSegmentation does: probabilities resized
+  # bilinearly, then argmax.
+  resize: Any = None
 
 
 def protocol_of(config, eval_name: Optional[str] = None) -> Protocol:
@@ -75,10 +80,12 @@ def protocol_of(config, eval_name: Optional[str] = None) -> Protocol:
     raise ValueError(f'config.evals has no {eval_name!r}; it has {sorted(evals)}.')
   ec = evals[eval_name]
   pair = lambda v: (int(v[0]), int(v[1])) if v else None  # noqa: E731
+  resize = ec.get('resize')
   return Protocol(mode=ec.get('mode', 'whole'), scales=tuple(float(s) for s in
                                                              ec.get('scales', (1.0,))),
                   flip=bool(ec.get('flip', False)), crop_size=pair(ec.get('crop_size')),
-                  stride=pair(ec.get('stride')), size_divisor=size_divisor)
+                  stride=pair(ec.get('stride')), size_divisor=size_divisor,
+                  resize=resize if resize is None or isinstance(resize, int) else pair(resize))
 
 
 def _probabilities(predict_fn, images, protocol: Protocol):
@@ -94,11 +101,15 @@ def _label_fn(model_json: str, num_classes: int, protocol: Protocol):
   model = models.build_model(ml_collections.ConfigDict(json.loads(model_json)), task='segment',
                              num_classes=num_classes)
 
-  def labels(params, images):
+  def labels(params, images, out_hw):
     predict_fn = lambda x: model.apply({'params': params}, x, train=False)[0]  # noqa: E731
-    return jnp.argmax(_probabilities(predict_fn, images, protocol), axis=-1)[0].astype(jnp.int32)
+    probabilities = _probabilities(predict_fn, images, protocol)
+    if probabilities.shape[1:3] != out_hw:
+      probabilities = jax.image.resize(
+          probabilities, (probabilities.shape[0], *out_hw, probabilities.shape[-1]), 'linear')
+    return jnp.argmax(probabilities, axis=-1)[0].astype(jnp.int32)
 
-  return jax.jit(labels)
+  return jax.jit(labels, static_argnames=('out_hw',))
 
 
 def predict(params: Mapping[str, Any], config, image: np.ndarray, *,
@@ -110,8 +121,9 @@ def predict(params: Mapping[str, Any], config, image: np.ndarray, *,
     config: the run's config (`load_config(run)`); `config.model`, `config.num_classes` and
       `config.evals[eval_name]` (the protocol) are used.
     image: uint8 RGB `[H, W, 3]`, any H and W.
-    eval_name: which `config.evals` entry gives the protocol; default the first by name, or the
-      whole image if the config has none.
+    eval_name: which `config.evals` entry gives the protocol (including its `resize`: the image
+      is inferred at the eval size and the probabilities resized back to its own); default the
+      first by name, or the whole image if the config has none.
 
   Returns:
     int32 `[H, W]` train ids.
@@ -123,10 +135,15 @@ def predict(params: Mapping[str, Any], config, image: np.ndarray, *,
   if config.task != 'segment':
     raise ValueError(f'predict needs a segmentation model (task=segment); this config is for '
                      f'task={config.task!r}.')
-  # As preprocessing.normalize_image: uint8 -> [-1, 1].
-  images = (image.astype(np.float32) / 127.5 - 1.0)[None]
-  fn = _label_fn(config.model.to_json(), int(config.num_classes), protocol_of(config, eval_name))
-  return np.asarray(fn(params, images))
+  protocol = protocol_of(config, eval_name)
+  # The eval input pipeline's resize and normalisation, on the same TF ops.
+  size = tuple(int(n) for n in preprocessing.eval_size(image.shape[:2], protocol.resize))
+  pixels = image
+  if size != image.shape[:2]:
+    pixels, _ = preprocessing.resize_image_and_mask(image, None, size)
+  images = np.asarray(preprocessing.normalize_image(pixels))[None]
+  fn = _label_fn(config.model.to_json(), int(config.num_classes), protocol)
+  return np.asarray(fn(params, images, out_hw=tuple(image.shape[:2])))
 
 
 # -- files ----------------------------------------------------------------------------------------

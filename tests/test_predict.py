@@ -4,12 +4,15 @@ import os
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow as tf
 
 from ddep_jax import checkpoints
 from ddep_jax import evaluate
+from ddep_jax import inference
 from ddep_jax import initialization
 from ddep_jax import predict as predict_lib
 from ddep_jax import sharding
@@ -78,6 +81,32 @@ def test_label_map_equals_evaluate(run):
   sizes = np.array([[37, 53]], np.int32)
   stats = evaluator._segment_statistics(params, batch, sizes)  # pylint: disable=protected-access
   np.testing.assert_array_equal(np.asarray(stats['predictions'][0]), labels)
+
+
+def test_eval_resize_is_honoured_and_undone(run):
+  """With the eval's `resize`, the image is inferred at the eval size (the input pipeline's TF
+  resize) and the probabilities are resized back to the image's own size before the argmax."""
+  _, config, params = run
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.evals.val.scales = (1.0,)  # One forward pass: the resize is what is under test.
+  image = _image(37, 53, seed=1)
+  plain = predict_lib.predict(params, config, image)
+  config.evals.val.resize = 24  # Short side 24: 24 x 34.
+  labels = predict_lib.predict(params, config, image)
+  assert labels.shape == (37, 53)
+  assert not np.array_equal(labels, plain)
+
+  resized = tf.image.resize(image, (24, 34), method='bilinear').numpy()
+  model = initialization.build_model_for(config)
+  probabilities = inference.predict_probabilities(
+      lambda x: model.apply({'params': params}, x, train=False)[0], resized[None] / 127.5 - 1.0,
+      mode='whole', scales=(1.0,), flip=False, crop_size=None, stride=None, size_divisor=16)
+  back = jax.image.resize(probabilities, (1, 37, 53, probabilities.shape[-1]), 'linear')
+  np.testing.assert_array_equal(labels, np.argmax(back, axis=-1)[0])
+
+  config = ml_collections.ConfigDict(dict(config.to_dict(), evals={'val': dict(
+      config.evals.val.to_dict(), resize=(37, 53))}))  # The image's own size: nothing to do.
+  np.testing.assert_array_equal(predict_lib.predict(params, config, image), plain)
 
 
 def test_predict_files_writes_keeps_and_reports(run, tmp_path):

@@ -1,12 +1,16 @@
 """U-Net decoder of the TransUNet / ResNet-50 U-Net, optionally conditioned on the noise level.
 
-Five stages at 1/16, 1/8, 1/4, 1/2 and 1/1 of the input. Stage `i > 0` upsamples its input x2
-(bilinear, half-pixel centres as `jax.image.resize`; not PyTorch's align_corners), concatenates
-the encoder skip of that scale (block2 @1/8, block1 @1/4, stem @1/2, none @1/1 for the hybrid
-encoder) and applies 3x3 conv -> GroupNorm -> ReLU twice. Stage 0 runs on the encoder output at
-1/16 (the ViT token map; for the ResNet-50 U-Net, block4 @1/32 upsampled x2 and concatenated with
-block3). Stage `i` has `decoder_width * base_widths[i]` channels: 1x = [1024, 512, 256, 128, 64]
-(paper §4.3), 2x and 3x multiply every width.
+One stage per scale from the encoder's output stride down to the input: five stages at 1/16,
+1/8, 1/4, 1/2 and 1/1 for the paper's stride-16 encoders, four (1/8 ... 1/1) for a stride-8
+hybrid, three (1/4, 1/2, 1/1) for a stride-4 one (`OUTPUT_STRIDES`; the encoder's
+`decoder_scales` give the stages and `model.py` the mapping). Stage `i > 0` upsamples its input
+x2 (bilinear, half-pixel centres as `jax.image.resize`; not PyTorch's align_corners),
+concatenates the encoder skip of that scale (for the hybrid encoder block2 @1/8, block1 @1/4,
+stem @1/2, none @1/1, as far as its stride reaches) and applies 3x3 conv -> GroupNorm -> ReLU
+twice. Stage 0 runs on the encoder output (the ViT token map; for the ResNet-50 U-Net, block4
+@1/32 upsampled x2 and concatenated with block3). Stage `i` has `decoder_width * base_widths[i]`
+channels, one width per stage: 1x = [1024, 512, 256, 128, 64] at stride 16 (paper §4.3), 2x and
+3x multiply every width.
 
 `variant='transunet'` reproduces the original TransUNet decoder (Chen et al. 2021): stage 0 is a
 single 3x3 conv (`conv_more`, 512 channels) and the four upsampling blocks have
@@ -32,7 +36,29 @@ import jax
 import jax.numpy as jnp
 
 VARIANTS = ('ddep', 'transunet')
-NUM_STAGES = 5
+# Output strides of the ViT / hybrid encoders the decoder takes: one stage per x2 upsampling
+# plus the stage at the encoder's resolution.
+OUTPUT_STRIDES = (4, 8, 16)
+# The paper's 1x width of the stage at each scale (§4.3), for suggestions in error messages.
+PAPER_WIDTHS = {16: 1024, 8: 512, 4: 256, 2: 128, 1: 64}
+
+
+def check_base_widths(base_widths: Sequence[int], scales: Sequence[int]):
+  """Raises a ValueError naming `model.decoder.base_widths` unless it has one width per stage."""
+  if scales and len(base_widths) == len(scales):
+    return
+  if not scales:
+    raise ValueError('The decoder needs at least one stage (one skip entry, None for none).')
+  if len(base_widths) > len(scales):
+    suggestion = tuple(base_widths[-len(scales):])
+  else:
+    suggestion = tuple(PAPER_WIDTHS.get(s, 64) for s in scales)
+  stages = ', '.join(f'1/{s}' for s in scales)
+  raise ValueError(
+      f'model.decoder.base_widths={tuple(base_widths)} has {len(base_widths)} widths, but the '
+      f'encoder feeds {len(scales)} decoder stages ({stages}: one at 1/{scales[0]}, the '
+      f'encoder output, then one per x2 upsampling). Set model.decoder.base_widths to one width '
+      f'per stage, e.g. {suggestion}.')
 
 
 def upsample2x(x: jnp.ndarray) -> jnp.ndarray:
@@ -126,7 +152,7 @@ class DecoderStage(nn.Module):
 
 
 class Decoder(nn.Module):
-  """The five-stage U-Net decoder (see the module docstring)."""
+  """The U-Net decoder: one stage per entry of `skips` (see the module docstring)."""
 
   variant: str = 'ddep'
   decoder_width: float = 1
@@ -138,16 +164,18 @@ class Decoder(nn.Module):
 
   @property
   def widths(self) -> tuple[int, ...]:
-    """Channels of the five stages: `decoder_width * base_widths` (paper §4.3)."""
+    """Channels of the stages: `decoder_width * base_widths` (paper §4.3)."""
     return tuple(int(round(self.decoder_width * w)) for w in self.base_widths)
 
   @nn.compact
   def __call__(self, x, skips: Sequence[Optional[jnp.ndarray]], *, noise_level=None):
-    """Decodes the encoder output `x` with the five `skips` (1/16 ... 1/1; None = no skip).
+    """Decodes the encoder output `x` with `skips`, one per stage (None = no skip).
 
     Args:
-      x: encoder output, `[B, H/16, W/16, C]` (or `[B, H/32, W/32, C]` when `skips[0]` is given).
-      skips: five feature maps or None, one per stage; stage 0 upsamples `x` x2 when it has one.
+      x: encoder output, `[B, H/s, W/s, C]` with `s = 2 ** (len(skips) - 1)` (or `[B, H/2s,
+        W/2s, C]` when `skips[0]` is given, as the ResNet-50 U-Net's block4).
+      skips: feature maps or None, one per stage from 1/s to 1/1 (the encoder's
+        `decoder_scales`); stage 0 upsamples `x` x2 when it has one.
       noise_level: `gamma` `[B]` (or a scalar); required when `noise_conditioning` is on,
         ignored otherwise.
 
@@ -156,9 +184,7 @@ class Decoder(nn.Module):
     """
     if self.variant not in VARIANTS:
       raise ValueError(f'decoder.variant must be one of {VARIANTS}; got {self.variant!r}.')
-    if len(self.base_widths) != NUM_STAGES or len(skips) != NUM_STAGES:
-      raise ValueError(f'The decoder has {NUM_STAGES} stages (1/16 ... 1/1); got '
-                       f'decoder.base_widths={tuple(self.base_widths)} and {len(skips)} skips.')
+    check_base_widths(self.base_widths, tuple(2**i for i in reversed(range(len(skips)))))
     noise_emb = None
     if self.noise_conditioning:
       if noise_level is None:

@@ -7,6 +7,24 @@
 
 The parameter tree is split at the top into `encoder`, `decoder` (dense tasks only) and `head`;
 only `head` depends on the task and the number of classes.
+
+The TransUNet's decoder follows its encoder's output stride (ResNet stem and stages x patch size:
+`2 ** (1 + len(encoder.resnet.num_layers)) * patch_size`, or `patch_size` for a pure ViT): one
+stage at the token map's scale, then one per x2 upsampling, each fed the encoder feature of its
+scale. `decoder.base_widths` needs one width per stage; `get_config(name, output_stride=s)`
+derives the encoder and widths from a preset.
+
+Hybrids with patch (1, 1), stage 0 on the token map:
+
+| stride | ResNet stages | decoder stages (skip) | 1x base_widths |
+|---|---|---|---|
+| 16 | 3 (paper) | 1/16, 1/8 (block2), 1/4 (block1), 1/2 (stem), 1/1 | (1024, 512, 256, 128, 64) |
+| 8 | 2 | 1/8, 1/4 (block1), 1/2 (stem), 1/1 | (512, 256, 128, 64) |
+| 4 | 1 | 1/4, 1/2 (stem), 1/1 | (256, 128, 64) |
+
+A hybrid with a larger patch (e.g. 2 stages and patch 2, stride 16) gets the skips of the
+scales its ResNet reaches; a pure ViT gets none. The ResNet-50 U-Net always has five stages
+(block4 @1/32 enters the 1/16 stage upsampled, with block3).
 """
 
 from typing import Optional
@@ -41,8 +59,9 @@ class UNet(nn.Module):
     features = self.decoder(x, skips, noise_level=noise_level)
     if features.shape[1:3] != images.shape[1:3]:
       raise ValueError(f'The decoder output is {features.shape[1]}x{features.shape[2]} for a '
-                       f'{images.shape[1]}x{images.shape[2]} input: the encoder must have output '
-                       f'stride 16 (check model.encoder.patch_size and resnet.num_layers).')
+                       f'{images.shape[1]}x{images.shape[2]} input: the decoder needs one stage '
+                       f'per x2 upsampling of the encoder output stride (check '
+                       f'model.encoder.patch_size, resnet.num_layers and decoder.base_widths).')
     aux['decoder'] = features
     return self.head(features), aux
 
@@ -108,12 +127,16 @@ def build_model(model_config: ml_collections.ConfigDict, *, task: str,
                                     dtype=dtype)
     return Classifier(encoder=encoder, head=head)
 
-  if isinstance(encoder, vit.ViTEncoder) and encoder.output_stride != 16:
-    raise ValueError(f'The U-Net decoder starts at 1/16 of the input, but this encoder has output '
-                     f'stride {encoder.output_stride} (encoder.resnet.num_layers='
+  if (isinstance(encoder, vit.ViTEncoder)
+      and encoder.output_stride not in decoder_lib.OUTPUT_STRIDES):
+    raise ValueError(f'The U-Net decoder takes encoders of output stride '
+                     f'{decoder_lib.OUTPUT_STRIDES}, but this encoder has output stride '
+                     f'{encoder.output_stride} (model.encoder.resnet.num_layers='
                      f'{tuple(model_config.encoder.resnet.num_layers)}, patch_size='
-                     f'{tuple(model_config.encoder.patch_size)}); use 3 ResNet stages with patch '
-                     f'(1, 1), or no ResNet with patch (16, 16).')
+                     f'{tuple(model_config.encoder.patch_size)}); with patch (1, 1) use 1, 2 or 3 '
+                     f'ResNet stages (stride 4, 8, 16), or no ResNet with patch (4, 4), (8, 8) '
+                     f'or (16, 16).')
+  decoder_lib.check_base_widths(tuple(model_config.decoder.base_widths), encoder.decoder_scales)
   dec = model_config.decoder
   decoder = decoder_lib.Decoder(
       variant=dec.variant, decoder_width=dec.decoder_width, base_widths=tuple(dec.base_widths),

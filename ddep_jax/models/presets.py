@@ -23,7 +23,16 @@ stem-only ResNet); they are for scaling studies from scratch or from your own en
 
 Dropout follows vision_transformer: 0.1 for the R50 hybrids B (and L), 0.0 for Ti, S and the pure
 ViT-B/16; attention dropout 0.0.
+
+`get_config(name, output_stride=8)` or `4` scales a TransUNet preset's token grid with small
+images: a hybrid keeps the first 2 or 1 of its ResNet stages (stride 8 or 4, patch 1), a pure
+ViT takes 8x8 or 4x4 patches, and the decoder keeps the widths of the stages it still has (the
+last 4 or 3 of `base_widths`: it starts at the encoder's stride, see `model.py`). E.g.
+`get_config('tiny', output_stride=4)` gives an 8x8 token map on 32x32 images. No released
+checkpoint has these layouts (loading an R50 file names its extra stages).
 """
+
+import math
 
 import ml_collections
 
@@ -85,12 +94,15 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-def get_config(name: str = 'R50+ViT-B_16', **overrides) -> ml_collections.ConfigDict:
-  """Returns the preset `name` with `overrides` applied.
+def get_config(name: str = 'R50+ViT-B_16', *, output_stride: int = 16,
+               **overrides) -> ml_collections.ConfigDict:
+  """Returns the preset `name` at `output_stride` (16, 8 or 4) with `overrides` applied.
 
   Overrides name a field either at the top level (`dtype='bfloat16'`), by its unique name inside
   a section (`decoder_width=2`, `hidden_size=384`, `num_layers=6` is ambiguous -> use
   `encoder={'num_layers': 6}`), or as a dict for a section (`decoder={'decoder_width': 3}`).
+  `output_stride` (not a config field: the config holds the encoder that has it) is applied
+  before the overrides, so `base_widths=...` replaces the shortened widths.
   """
   config = default_config()
   enc, dec = config.encoder, config.decoder
@@ -127,8 +139,27 @@ def get_config(name: str = 'R50+ViT-B_16', **overrides) -> ml_collections.Config
       enc.resnet.num_layers = (1, 1, 1, 1)
   else:
     raise ValueError(f'Unknown model preset {name!r}; choose one of {PRESETS}.')
+  if output_stride != 16:
+    _scale_output_stride(config, name, output_stride)
   _apply_overrides(config, overrides)
   return config
+
+
+def _scale_output_stride(config: ml_collections.ConfigDict, name: str, output_stride: int):
+  """Shortens the stride-16 preset `name` to `output_stride` (see the module docstring)."""
+  if output_stride not in (4, 8):
+    raise ValueError(f'get_config(output_stride=...) must be 16, 8 or 4; got {output_stride!r}.')
+  if config.name != 'transunet':
+    raise ValueError(f'get_config({name!r}, output_stride={output_stride}): the ResNet-50 '
+                     f'U-Net ({name}) has a fixed stride-32 encoder and five decoder stages; '
+                     f'output_stride applies to the ViT / hybrid presets.')
+  enc, dec = config.encoder, config.decoder
+  levels = int(math.log2(output_stride))  # x2 upsamplings: the decoder has levels + 1 stages.
+  if enc.resnet.num_layers:
+    enc.resnet.num_layers = tuple(enc.resnet.num_layers)[:levels - 1]
+  else:
+    enc.patch_size = (output_stride, output_stride)
+  dec.base_widths = tuple(dec.base_widths)[-(levels + 1):]
 
 
 def _apply_overrides(config: ml_collections.ConfigDict, overrides: dict):

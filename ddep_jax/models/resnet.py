@@ -122,6 +122,11 @@ class ResNetEncoder(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
 
+  @property
+  def decoder_scales(self) -> tuple[int, ...]:
+    """Scale of each decoder stage this encoder feeds (block4 enters stage 0 upsampled)."""
+    return (16, 8, 4, 2, 1)
+
   @nn.compact
   def __call__(self, images, *, train: bool):
     del train  # No dropout in the ResNet.

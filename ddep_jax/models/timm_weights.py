@@ -30,16 +30,20 @@ standardisation `(w - mean) / (std + 1e-5)`, GroupNorm eps 1e-6, tanh-approximat
 and exact GELU, so its forward drifts slightly from the original model's (docs/design.md,
 "Pretrained encoders", gives the measured figures); the tensors themselves are the same.
 
-Reading needs no torch for `.safetensors` (the `safetensors` package's numpy API). `.pth` / `.bin`
-state dicts are PyTorch pickles: they are read with `torch.load(weights_only=True)`, which
-unpickles tensors and containers only, and need torch installed.
+Reading needs no torch for `.safetensors`: the format is a contract simple enough to read here
+(`read_safetensors`), including the bfloat16 files the Hub often holds, which the `safetensors`
+package's numpy API refuses. `.pth` / `.bin` state dicts are PyTorch pickles: they are read with
+`torch.load(weights_only=True)`, which unpickles tensors and containers only, and need torch.
+Floating tensors of every source are returned as float32.
 """
 
+import json
 import re
 from typing import Any, Callable, Mapping, Optional
 
 from etils import epath
 import flax
+import ml_dtypes
 import numpy as np
 
 HUB_PREFIX = 'hf-hub:'
@@ -187,6 +191,54 @@ def convert_timm_params(state_dict: Mapping[str, Any], *, num_heads: int
   return flax.traverse_util.unflatten_dict(flat, sep='/'), sources
 
 
+# The dtype names of the safetensors header; floating types are returned as float32.
+_SAFETENSORS_DTYPES = {
+    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+    'BOOL': np.bool_,
+}
+
+
+def read_safetensors(data: bytes) -> dict[str, np.ndarray]:
+  """The tensors of a `.safetensors` file's bytes (floating ones as float32).
+
+  The format (huggingface/safetensors): an 8-byte little-endian header length N, N bytes of JSON
+  `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the
+  little-endian, C-ordered tensor data; offsets count from the end of the header.
+  """
+  if len(data) < 8:
+    raise ValueError(f'{len(data)} bytes: too short for a header.')
+  header_size = int.from_bytes(data[:8], 'little')
+  if 8 + header_size > len(data):
+    raise ValueError(f'its header claims {header_size} bytes; the file has {len(data)}.')
+  try:
+    header = json.loads(data[8:8 + header_size])
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f'its header is not JSON ({e}).') from None
+  body = memoryview(data)[8 + header_size:]
+  tensors = {}
+  for name, entry in header.items():
+    if name == '__metadata__':
+      continue
+    dtype = _SAFETENSORS_DTYPES.get(entry.get('dtype'))
+    if dtype is None:
+      raise ValueError(f'tensor {name!r} has dtype {entry.get("dtype")!r}; readable: '
+                       f'{sorted(_SAFETENSORS_DTYPES)}.')
+    begin, end = entry['data_offsets']
+    shape = tuple(entry['shape'])
+    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if end - begin != size or end > len(body):
+      raise ValueError(f'tensor {name!r} ({entry["dtype"]} {list(shape)}) needs {size} bytes at '
+                       f'[{begin}, {end}); the data holds {len(body)} (truncated file?).')
+    stored = np.dtype(dtype)
+    if stored.itemsize > 1 and dtype is not ml_dtypes.bfloat16:  # ml_dtypes are native-order.
+      stored = stored.newbyteorder('<')
+    array = np.frombuffer(body[begin:end], dtype=stored).reshape(shape)
+    floating = dtype is ml_dtypes.bfloat16 or np.issubdtype(stored, np.floating)
+    tensors[name] = array.astype(np.float32 if floating else stored.newbyteorder('='))
+  return tensors
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a `.safetensors` (no torch needed) or a `.pth` / `.bin` state dict into numpy arrays.
 
@@ -199,12 +251,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f'Pretrained checkpoint not found: {path}.')
   suffix = path.suffix.lower()
   if suffix in SAFETENSORS_SUFFIXES:
-    from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
     try:
-      return dict(safetensors_numpy.load(path.read_bytes()))
-    except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f'{path} is not a readable .safetensors file ({e}). bfloat16 files have '
-                       f'no numpy dtype: convert them to float32.') from e
+      return read_safetensors(path.read_bytes())
+    except ValueError as e:
+      raise ValueError(f'{path} is not a readable .safetensors file: {e}') from e
   if suffix in TORCH_SUFFIXES:
     try:
       import torch  # pylint: disable=g-import-not-at-top

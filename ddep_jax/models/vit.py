@@ -176,11 +176,17 @@ class ViTEncoder(nn.Module):
   With `resnet_num_layers=(3, 4, 9)` and `patch_size=(1, 1)` this is vision_transformer's
   `R50+ViT-B_16`: ResNet root + 3 stages to 1/16, a 1x1 `embedding`, class token, transformer.
   With `resnet_num_layers=()` and `patch_size=(16, 16)` it is the pure ViT-B/16 (no skips).
+  Fewer ResNet stages or smaller patches give a smaller `output_stride`: `(3,)` stops at 1/4 and
+  `(3, 4)` at 1/8 (each stage after the first halves the resolution), so a 32x32 image gives an
+  8x8 or 4x4 token map.
 
-  Returns `(x, skips, aux)`: `x` the token map `[B, H/16, W/16, hidden]` (class token removed),
-  `skips` the five decoder skips from 1/16 to 1/1 (None, block2, block1, stem, None; all None for
-  the pure ViT) and `aux` with `stem`, `block{i}`, `tokens` (the whole sequence incl. the class
-  token) and `encoded` (the class-token output, or the mean token without a class token).
+  Returns `(x, skips, aux)`: `x` the token map `[B, H/s, W/s, hidden]` (`s = output_stride`;
+  class token removed), `skips` one per decoder stage at the scales `decoder_scales` (s, s/2,
+  ..., 1): None at 1/s (the token map is the stage's input) and at 1/1, otherwise the ResNet
+  feature of that scale (stem @1/2, block1 @1/4, block2 @1/8, block3 @1/16) or None where the
+  encoder has none (all None for the pure ViT). At stride 16 with 3 stages: (None, block2,
+  block1, stem, None). `aux` holds `stem`, `block{i}`, `tokens` (the whole sequence incl. the
+  class token) and `encoded` (the class-token output, or the mean token without a class token).
   """
 
   hidden_size: int
@@ -199,9 +205,21 @@ class ViTEncoder(nn.Module):
 
   @property
   def output_stride(self) -> int:
-    """Input pixels per token along each axis (16 for every preset)."""
+    """Input pixels per token along each axis (16 for the paper's presets)."""
     resnet_stride = 2 ** (1 + len(self.resnet_num_layers)) if self.resnet_num_layers else 1
     return resnet_stride * self.patch_size[0]
+
+  @property
+  def decoder_scales(self) -> tuple[int, ...]:
+    """Scale of each decoder stage this encoder feeds: `output_stride`, half of it, ..., 1.
+
+    Empty when the stride is not a power of two (no decoder of x2 upsamplings fits; the encoder
+    still serves a classifier).
+    """
+    stride = self.output_stride
+    if stride & (stride - 1):
+      return ()
+    return tuple(stride >> i for i in range(stride.bit_length()))
 
   @nn.compact
   def __call__(self, images, *, train: bool):
@@ -243,7 +261,10 @@ class ViTEncoder(nn.Module):
     aux['encoded'] = x[:, 0] if num_prefix_tokens else jnp.mean(x, axis=1)
     token_map = einops.rearrange(x[:, num_prefix_tokens:], 'b (h w) d -> b h w d', h=height)
 
-    # Decoder skips by scale (1/16 ... 1/1); the hybrid's stem, block1 and block2 sit at 1/2, 1/4
-    # and 1/8. A pure ViT has none.
-    skips = (None, aux.get('block2'), aux.get('block1'), aux.get('stem'), None)
+    # Decoder skips by scale (see the class docstring): the hybrid's stem sits at 1/2 and block
+    # `k` at 1/2**(k+1); the token map's own scale gets none. A pure ViT has none.
+    by_scale = {2: aux.get('stem')}
+    by_scale.update({2**(k + 2): aux[f'block{k + 1}'] for k in range(len(self.resnet_num_layers))})
+    skips = tuple(None if scale == self.output_stride else by_scale.get(scale)
+                  for scale in self.decoder_scales)
     return token_map, skips, aux

@@ -286,8 +286,10 @@ def test_bad_inputs_get_clear_errors(scenes, tmp_path):
                                      seed=0, process_index=0, process_count=1)
 
 
-def test_digit_scenes_through_the_project_builder(tmp_path):
+def test_digit_scenes_through_the_project_builder(tmp_path, request):
   """The registry's `digit_scenes` spec on real `ddep_digit_scenes` output (a tiny config)."""
+  # The registry is process-wide: later test files in this worker must not see this entry.
+  request.addfinalizer(lambda: datasets.unregister_dataset('tiny_digit_scenes'))
   # Imported here so that the other tests do not depend on the builders package.
   from ddep_jax.data.builders import digit_scenes  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path)

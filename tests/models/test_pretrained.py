@@ -223,3 +223,27 @@ def test_non_square_grid_needs_image_size(fake_npz, random_params):
 def test_missing_file_says_where_to_get_it(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'not found: .*nowhere.npz.*gs://vit_models'):
     pretrained.read_npz(str(tmp_path / 'nowhere.npz'))
+
+
+def test_stride_4_hybrid_loads_its_layout_and_names_what_a_stride_16_file_has_more(
+    fake_npz, tmp_path, random_params):
+  config = _config(output_stride=4)
+  path = str(tmp_path / 'stride4.npz')
+  written = pretrained.write_fake_npz(path, config, NUM_CLASSES, np.random.default_rng(2),
+                                      image_size=32)
+  init = _init(random_params, config, 'segment', (32, 32))
+  loaded = _flat(pretrained.load_pretrained(init, path, drop_head=True))
+  for key in ('block1/unit1/conv1/kernel', 'embedding/kernel',
+              'Transformer/posembed_input/pos_embedding'):
+    np.testing.assert_array_equal(loaded[f'encoder/{key}'], written[key])
+  assert 'encoder/block2/unit1/conv1/kernel' not in loaded
+  np.testing.assert_array_equal(loaded['decoder/stage2/conv1/conv/kernel'],
+                                _flat(init)['decoder/stage2/conv1/conv/kernel'])
+  # The R50 file (3 stages, 1/16) does not fit a 1-stage hybrid: every extra stage is named.
+  with pytest.raises(ValueError) as error:
+    pretrained.load_pretrained(init, fake_npz[0], drop_head=True)
+  message = str(error.value)
+  assert 'in checkpoint but not in model: encoder/block2/unit1/conv1/kernel' in message
+  assert 'in checkpoint but not in model: encoder/block3/unit1/conv1/kernel' in message
+  assert ('shape mismatch: encoder/embedding/kernel: checkpoint (1, 1, 512, 32) vs model '
+          '(1, 1, 128, 32)') in message

@@ -243,3 +243,27 @@ def test_pth_without_torch_says_what_to_do(tmp_path, monkeypatch):
   monkeypatch.setitem(__import__('sys').modules, 'torch', None)  # `import torch` fails.
   with pytest.raises(ImportError, match='needs torch.*safetensors'):
     timm_weights.read_state_dict(path)
+
+
+def test_safetensors_of_every_dtype_read_without_torch(tmp_path):
+  """Our reader gives what torch wrote: float32 exactly, bfloat16 / float16 as their float32
+  values (the Hub's bf16 files), integers kept; a truncated file is named, not misread."""
+  rng = np.random.default_rng(0)
+  weight = torch.from_numpy(rng.normal(size=(3, 4, 5)).astype(np.float32))
+  tensors = {'f32': weight, 'bf16': weight.to(torch.bfloat16), 'f16': weight.to(torch.float16),
+             'i64': torch.arange(6).reshape(2, 3), 'u8': torch.tensor([1, 255], dtype=torch.uint8),
+             'scalar': torch.tensor(2.5)}
+  path = tmp_path / 'mixed.safetensors'
+  safetensors_torch.save_file(tensors, str(path), metadata={'format': 'pt'})
+  read = timm_weights.read_state_dict(str(path))
+  assert sorted(read) == sorted(tensors)
+  for name, tensor in tensors.items():
+    expected = tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+    assert read[name].dtype == expected.numpy().dtype, name
+    np.testing.assert_array_equal(read[name], expected.numpy(), err_msg=name)
+  assert not np.array_equal(read['bf16'], read['f32'])  # Rounded, as stored: not a copy of f32.
+
+  truncated = tmp_path / 'truncated.safetensors'
+  truncated.write_bytes(path.read_bytes()[:-10])
+  with pytest.raises(ValueError, match=r'truncated.safetensors is not a readable .*truncated'):
+    timm_weights.read_state_dict(str(truncated))
