@@ -16,7 +16,6 @@
 """
 
 import importlib
-import json
 import os
 import re
 import sys
