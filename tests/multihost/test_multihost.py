@@ -254,9 +254,10 @@ def gcs_root(tmp_path):
 def test_two_process_training_equals_one_process(digit_scenes_dir, tmp_path, gcs_root):
   # Work directory and init checkpoint on gs:// (the GCS emulator), as on a pod. The run starts
   # from known parameters, another run's checkpoint (init_from), which both processes read.
-  # Adam divides by sqrt(v) + eps: with the default eps=1e-8 a parameter whose gradient is mathematically zero (the attention key bias: softmax ignores it) moves by rounding
-  # noise amplified to ~lr, different for any other summation order; eps=1e-3 keeps that noise out
-  # while real gradients still move parameters by up to ~lr.
+  # Adam divides by sqrt(v) + eps: with the default eps=1e-8 a parameter whose gradient is
+  # mathematically zero (the attention key bias: softmax ignores it) moves by rounding noise
+  # amplified to ~lr, different for any other summation order; eps=1e-3 keeps that noise out while
+  # real gradients still move parameters by up to ~lr.
   arg = f'task=segment,steps=4,checkpoint_every=2,data_dir={digit_scenes_dir}'
   overrides = _trainer_overrides(**{'init_from.checkpoint': f'{gcs_root}/init',
                                     'init_from.params': ('.*',), 'optimizer.eps': 1e-3})
