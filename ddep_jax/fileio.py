@@ -1,7 +1,12 @@
 """File helpers for every path a user can pass: local paths and `gs://` (or any scheme) URLs alike.
 
-Local paths use the standard library; any path with a scheme (`gs://...`, `ram://...`) goes
-through `tf.io.gfile`, imported only then so local use stays free of the TensorFlow start-up cost.
+Local paths use the standard library. Object-store URLs (`gs://`, `s3://`, `az://`) go through
+`etils.epath`, the layer Orbax writes checkpoints with, so one setting moves both: with TensorFlow
+installed epath uses `tf.io.gfile` (the default), with `EPATH_USE_TF=false` it uses fsspec
+(`gcsfs` for `gs://`, which honours `STORAGE_EMULATOR_HOST`; the GCS tests run so, against a local
+emulator, since TensorFlow's GCS client has no endpoint setting). Any other scheme (`ram://`,
+`hdfs://`) goes through `tf.io.gfile`, which epath does not handle. Both are imported only on
+first use, so local use stays free of the TensorFlow start-up cost.
 
 Atomic writes: a file is written to `<path>.tmp` and renamed over `path` (atomic on POSIX file
 systems). On object stores (`gs://`, `s3://`) a rename is a copy plus a delete and not atomic, but
@@ -14,7 +19,7 @@ import os
 from typing import Any
 
 
-_OBJECT_STORES = ('gs://', 's3://')
+_OBJECT_STORES = ('gs://', 's3://', 'az://')
 
 
 def is_remote(path: str) -> bool:
@@ -26,6 +31,48 @@ def _gfile():
   return tf.io.gfile
 
 
+class _EpathFiles:
+  """The `tf.io.gfile` calls this module makes, on `etils.epath` (for object-store URLs)."""
+
+  @staticmethod
+  def _path(path: str):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    return epath.Path(path)
+
+  def exists(self, path: str) -> bool:
+    return self._path(path).exists()
+
+  def isdir(self, path: str) -> bool:
+    return self._path(path).is_dir()
+
+  def makedirs(self, path: str) -> None:
+    self._path(path).mkdir(parents=True, exist_ok=True)
+
+  def listdir(self, path: str) -> list[str]:
+    return [child.name for child in self._path(path).iterdir()]
+
+  def glob(self, pattern: str) -> list[str]:
+    # epath globs below a directory: split off the longest prefix without wildcards.
+    parts = pattern.split('/')
+    fixed = next(i for i, part in enumerate(parts + ['*']) if any(c in part for c in '*?['))
+    if fixed == len(parts):
+      return [pattern] if self.exists(pattern) else []
+    root = '/'.join(parts[:fixed])
+    return [str(p) for p in self._path(root).glob('/'.join(parts[fixed:]))]
+
+  def rename(self, source: str, target: str, overwrite: bool = False) -> None:
+    del overwrite  # Used for directories only, whose target never exists.
+    self._path(source).rename(target)
+
+  def GFile(self, path: str, mode: str):  # pylint: disable=invalid-name
+    return self._path(path).open(mode)
+
+
+def _files(path: str):
+  """The file API for a URL: epath for object stores, `tf.io.gfile` for other schemes."""
+  return _EpathFiles() if path.startswith(_OBJECT_STORES) else _gfile()
+
+
 def join(root: str, *parts: str) -> str:
   """Joins path parts; `gs://` roots keep their `/` separators on every OS."""
   if is_remote(root):
@@ -34,16 +81,16 @@ def join(root: str, *parts: str) -> str:
 
 
 def exists(path: str) -> bool:
-  return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+  return _files(path).exists(path) if is_remote(path) else os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
-  return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+  return _files(path).isdir(path) if is_remote(path) else os.path.isdir(path)
 
 
 def makedirs(path: str) -> None:
   if is_remote(path):
-    _gfile().makedirs(path)
+    _files(path).makedirs(path)
   else:
     os.makedirs(path, exist_ok=True)
 
@@ -54,13 +101,21 @@ def dirname(path: str) -> str:
 
 def listdir(path: str) -> list[str]:
   """Sorted names of the entries of a directory (no trailing `/` on sub-directories)."""
-  names = _gfile().listdir(path) if is_remote(path) else os.listdir(path)
+  names = _files(path).listdir(path) if is_remote(path) else os.listdir(path)
   return sorted(n.rstrip('/') for n in names)
+
+
+def rename(source: str, target: str) -> None:
+  """Renames a file or directory; on object stores a copy of every object plus a delete."""
+  if is_remote(source):
+    _files(source).rename(source, target)
+  else:
+    os.rename(source, target)
 
 
 def read_bytes(path: str) -> bytes:
   if is_remote(path):
-    with _gfile().GFile(path, 'rb') as f:
+    with _files(path).GFile(path, 'rb') as f:
       return f.read()
   with open(path, 'rb') as f:
     return f.read()
@@ -76,7 +131,7 @@ def write_bytes(path: str, data: bytes) -> None:
   if parent:
     makedirs(parent)
   if is_remote(path):
-    with _gfile().GFile(path, 'wb') as f:
+    with _files(path).GFile(path, 'wb') as f:
       f.write(data)
   else:
     with open(path, 'wb') as f:
@@ -85,13 +140,13 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def glob(pattern: str) -> list[str]:
   """Sorted matches of a shell-style pattern."""
-  matches = _gfile().glob(pattern) if is_remote(pattern) else glob_lib.glob(pattern)
+  matches = _files(pattern).glob(pattern) if is_remote(pattern) else glob_lib.glob(pattern)
   return sorted(m.rstrip('/') for m in matches)
 
 
 def read_text(path: str) -> str:
   if is_remote(path):
-    with _gfile().GFile(path, 'r') as f:
+    with _files(path).GFile(path, 'r') as f:
       return f.read()
   with open(path, encoding='utf-8') as f:
     return f.read()
@@ -103,12 +158,12 @@ def write_text(path: str, text: str) -> None:
   if parent:
     makedirs(parent)
   if path.startswith(_OBJECT_STORES):
-    with _gfile().GFile(path, 'w') as f:
+    with _files(path).GFile(path, 'w') as f:
       f.write(text)
   elif is_remote(path):
-    with _gfile().GFile(path + '.tmp', 'w') as f:
+    with _files(path).GFile(path + '.tmp', 'w') as f:
       f.write(text)
-    _gfile().rename(path + '.tmp', path, overwrite=True)
+    _files(path).rename(path + '.tmp', path, overwrite=True)
   else:
     with open(path + '.tmp', 'w', encoding='utf-8') as f:
       f.write(text)

@@ -9,16 +9,19 @@
 * Each config file runs one step at runlocal size through the real trainer on real TFDS builders
   prepared from `dummy_data` archives. The trainer compiles one program per (model, task,
   classes, eval protocol), which costs most of a run on CPU, so each file runs exactly once:
-  stage 1 on ImageNet-21k, DDeP chained into Cityscapes, Pascal Context from the released-encoder
-  layout, ADE20K from scratch.
+  the three stages chained (supervised encoder on ImageNet-21k, DDeP, Cityscapes) and then
+  re-evaluated and tabulated, every path on `gs://` on a GCS emulator started by this module
+  (tests/gcs_emulator.py); Pascal Context from the released-encoder layout (its `.npz` on
+  `gs://`), ADE20K from scratch, both in local work directories.
 """
 
 import importlib
-import json
 import os
 import re
+import sys
 
 from absl import flags
+from clu import metric_writers
 import flax
 from ml_collections import config_flags
 import numpy as np
@@ -27,6 +30,8 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.datasets.cityscapes import cityscapes_dataset_builder
 
 from ddep_jax import checkpoints
+from ddep_jax import evaluate
+from ddep_jax import fileio
 from ddep_jax import inference
 from ddep_jax import models
 from ddep_jax import train
@@ -37,6 +42,7 @@ from ddep_jax.data.builders import dummy_data
 from ddep_jax.data.builders import imagenet21k
 from ddep_jax.data.builders import pascal_context as pascal_context_builder
 from ddep_jax.models import pretrained
+from experiments import collect_results
 from experiments import hyper
 from experiments import sweep as sweep_lib
 
@@ -44,6 +50,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'configs')
 paper = importlib.import_module('configs.paper')
 stages = importlib.import_module('configs.stages')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PAPER_CONFIGS = ('supervised_imagenet21k', 'ddep_pretrain', 'cityscapes', 'pascal_context',
                  'ade20k')
@@ -448,12 +456,41 @@ def data(tmp_path_factory):
   datasets.unregister_dataset(IMAGENET)
 
 
-def _run(name, arg, data, workdir_name):
+@pytest.fixture(scope='module')
+def gcs_root():
+  """A `gs://` directory on a GCS emulator on 127.0.0.1 that this module starts and stops."""
+  with gcs_emulator.running() as environment, gcs_emulator.patched_environ(environment):
+    yield f'gs://{gcs_emulator.BUCKET}/configs_test'
+
+
+@pytest.fixture
+def summaries_on_ram(monkeypatch):
+  """TensorBoard summaries of `gs://` work directories go to the same path on `ram://`.
+
+  They are written by TensorFlow's GCS client, which cannot be pointed at an emulator; `ram://`
+  takes the same `tf.io.gfile` code path without a local directory. (CLU's
+  `create_default_writer` passes the directory through `etils.epath`, which refuses `ram://`,
+  so the writers are made here as it makes them.) Yields the directories used.
+  """
+  logdirs = []
+
+  def create_on_ram(logdir, *, just_logging=False, **unused_kwargs):
+    assert not just_logging and logdir.startswith('gs://'), logdir
+    logdirs.append(logdir.replace('gs://', 'ram://', 1))
+    return metric_writers.AsyncMultiWriter([metric_writers.LoggingWriter(),
+                                            metric_writers.SummaryWriter(logdirs[-1])])
+
+  monkeypatch.setattr(metric_writers, 'create_default_writer', create_on_ram)
+  return logdirs
+
+
+def _run(name, arg, data, workdir):
+  """Trains `name`'s runlocal twin one step in `workdir` (a gs:// URL, or a local name)."""
   config = _module(name).get_config(f'{arg},runlocal=True,data_dir={data["data_dir"]}')
-  workdir = str(data['tmp'].mktemp(workdir_name))
+  if not fileio.is_remote(workdir):
+    workdir = str(data['tmp'].mktemp(workdir))
   results = train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, 'results', 'val.json')) as f:
-    written = json.load(f)
+  written = fileio.read_json(fileio.join(workdir, 'results', 'val.json'))
   assert written['final'] is True and written['step'] == 1
   assert set(results) == {'val'}
   params, step = checkpoints.load_params(workdir)
@@ -471,35 +508,41 @@ def _encoder_of_npz(path):
 
 
 def _subset_ids(workdir):
-  with open(os.path.join(workdir, input_pipeline.SUBSET_IDS_FILENAME)) as f:
-    return f.read().split()
+  return fileio.read_text(fileio.join(workdir, input_pipeline.SUBSET_IDS_FILENAME)).split()
 
 
-def test_supervised_imagenet21k_one_step(data):
-  config, _, results, params = _run('supervised_imagenet21k', f'dataset={IMAGENET}', data,
-                                    'supervised')
+def test_three_stages_evaluate_and_collect_results_with_every_path_on_gcs(
+    data, gcs_root, summaries_on_ram):
+  """Supervised encoder -> DDeP -> Cityscapes -> evaluate -> collect_results, all on gs://.
+
+  Work directories, checkpoints (Orbax: TensorStore and etils.epath), `init_from`, results and
+  tables live on the GCS emulator; TensorBoard summaries on `ram://` (see `summaries_on_ram`);
+  the TFDS data stays local: tf.data reads it through TensorFlow's GCS client too.
+  """
+  # Stage 1: the supervised encoder on ImageNet-21k.
+  config, supervised_dir, results, supervised = _run(
+      'supervised_imagenet21k', f'dataset={IMAGENET}', data, f'{gcs_root}/supervised')
   assert (config.task, config.num_classes) == ('classify', 3)
   assert results['num_examples'] == 2  # The held-out train[:2].
   assert 0.0 <= results['top1'] <= 1.0 and np.isfinite(results['loss'])
-  assert params['head/pre_logits/kernel'].shape == (32, 32)  # Tiny hidden size.
-  assert params['head/kernel'].shape == (32, 3)
+  assert supervised['head/pre_logits/kernel'].shape == (32, 32)  # Tiny hidden size.
+  assert supervised['head/kernel'].shape == (32, 3)
 
-
-def test_ddep_pretraining_then_cityscapes_finetuning(data):
-  # Stage 2: DDeP on ImageNet-21k images; the encoder is the .npz one and stays frozen.
-  config, ddep_dir, results, ddep = _run('ddep_pretrain', f'dataset={IMAGENET},npz={data["npz"]}',
-                                         data, 'ddep')
-  assert config.task == 'denoise'
+  # Stage 2: DDeP from that run's encoder, which stays frozen.
+  config, ddep_dir, results, ddep = _run(
+      'ddep_pretrain', f'dataset={IMAGENET},encoder_ckpt={supervised_dir}', data,
+      f'{gcs_root}/ddep')
+  assert config.task == 'denoise' and config.init_from.checkpoint == supervised_dir
   assert results['psnr_input'] > 0 and np.isfinite(results['loss'])
-  encoder = _encoder_of_npz(data['npz'])
-  carried = [k for k in encoder if k != pretrained.POSEMB_PATH]
-  assert carried
-  for key in carried:
-    np.testing.assert_array_equal(ddep[key], encoder[key], err_msg=key)
+  encoder = [k for k in supervised if k.startswith('encoder/') and k != pretrained.POSEMB_PATH]
+  assert encoder
+  for key in encoder:
+    np.testing.assert_array_equal(ddep[key], supervised[key], err_msg=key)
 
-  # Stage 3: Cityscapes from that run, on a labelled subset of 1 of the 2 train frames.
+  # Stage 3: Cityscapes from the DDeP run, on a labelled subset of 1 of the 2 train frames.
   config, workdir, results, tuned = _run(
-      'cityscapes', f'init=ddep,init_ckpt={ddep_dir},label_count=1,subset_seed=1', data, 'cs')
+      'cityscapes', f'init=ddep,init_ckpt={ddep_dir},label_count=1,subset_seed=1', data,
+      f'{gcs_root}/cityscapes/ddep_1_1')
   assert _subset_ids(workdir)[0] in ('aachen_000000_000019', 'bochum_000000_000019')
   assert len(_subset_ids(workdir)) == 1
   assert 0.0 <= results['mIoU'] <= 1.0 and results['dataset'] == 'cityscapes'
@@ -508,11 +551,37 @@ def test_ddep_pretraining_then_cityscapes_finetuning(data):
   for key in [k for k in tuned if k.startswith(('encoder/', 'decoder/'))]:
     np.testing.assert_allclose(tuned[key], ddep[key], atol=1.01 * config.lr, rtol=0, err_msg=key)
   assert tuned['head/kernel'].shape[-1] == 19 and ddep['head/kernel'].shape[-1] == 3
+  assert fileio.exists(f'{workdir}/config.json') and fileio.exists(f'{workdir}/run.lock')
+  # Summaries of the three runs, written where the trainer was told (mapped to ram://).
+  assert [d.replace('ram://', 'gs://', 1) for d in summaries_on_ram] == [
+      supervised_dir, ddep_dir, workdir]
+  for logdir in summaries_on_ram:
+    assert fileio.glob(f'{logdir}/events.out.tfevents.*'), logdir
+
+  # Re-evaluation of the fine-tuned checkpoint on gs://, into another gs:// work directory.
+  evaluated = evaluate.evaluate_checkpoint(config, f'{gcs_root}/eval', checkpoint=workdir)
+  written = fileio.read_json(f'{gcs_root}/eval/results/val.json')
+  assert written['checkpoint_step'] == 1 and written['final'] is True
+  assert written['mIoU'] == pytest.approx(results['mIoU'], abs=1e-6)
+  assert evaluated['val']['mIoU'] == written['mIoU']
+
+  # The results table from the gs:// work directories, written to gs://.
+  records = collect_results.load_records([f'{gcs_root}/cityscapes/*'])
+  assert [r.workdir for r in records] == [workdir]
+  table = collect_results.aggregate(records, 'task', 'label_count', hparam_keys=['lr'])
+  markdown = collect_results.write_tables(table, f'{gcs_root}/tables/cityscapes')
+  assert fileio.read_text(f'{gcs_root}/tables/cityscapes.md') == markdown
+  assert f'| segment | {100 * results["mIoU"]:.2f} (1) |' in markdown
+  assert fileio.read_bytes(f'{gcs_root}/tables/cityscapes.png')[:8] == b'\x89PNG\r\n\x1a\n'
+  assert not os.path.exists('gs:') and not os.path.exists(os.path.join(REPO, 'gs:'))
 
 
-def test_pascal_context_from_the_released_encoder_layout(data):
+def test_pascal_context_from_the_released_encoder_layout(data, gcs_root):
+  npz = f'{gcs_root}/vit/R50+ViT-B_16.npz'
+  with open(data['npz'], 'rb') as f:
+    fileio.write_bytes(npz, f.read())
   config, workdir, results, tuned = _run(
-      'pascal_context', f'init=supervised,npz={data["npz"]},label_fraction=0.5', data, 'pc')
+      'pascal_context', f'init=supervised,npz={npz},label_fraction=0.5', data, 'pc')
   assert len(_subset_ids(workdir)) == 1  # Half of the 2 train images.
   assert (config.evals.val.mode, config.evals.val.flip) == ('sliding', True)
   assert 0.0 <= results['mIoU'] <= 1.0 and len(results['per_class_iou']) == 59

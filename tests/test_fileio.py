@@ -133,3 +133,39 @@ def test_npz_split_files_config_and_results_on_a_remote_workdir(tmp_path, monkey
 def jax_module():
   import jax  # pylint: disable=g-import-not-at-top
   return jax
+
+
+# -- the same on gs://, against a GCS emulator on 127.0.0.1 (tests/gcs_emulator.py) -------------
+
+def test_gs_paths_and_checkpoints_on_a_gcs_emulator():
+  import sys  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  from ddep_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  with gcs_emulator.running() as environment, gcs_emulator.patched_environ(environment):
+    root = f'gs://{gcs_emulator.BUCKET}/fileio'
+    fileio.write_json(fileio.join(root, 'x', 'results', 'val.json'), {'final': True})
+    fileio.write_bytes(f'{root}/x/blob', b'\x00\x01')
+    assert fileio.glob(f'{root}/x/results/*') == [f'{root}/x/results/val.json']
+    assert fileio.glob(f'{root}/*') == [f'{root}/x']
+    assert fileio.listdir(f'{root}/x') == ['blob', 'results']
+    assert fileio.read_json(f'{root}/x/results/val.json') == {'final': True}
+    assert fileio.read_bytes(f'{root}/x/blob') == b'\x00\x01'
+    assert fileio.isdir(f'{root}/x') and not fileio.exists(f'{root}/y')
+    # Written directly under its name: a GCS upload is atomic, a rename is not.
+    assert not fileio.exists(f'{root}/x/results/val.json.tmp')
+
+    workdir = f'{root}/run'
+    ckpt = checkpoints.Checkpointer(workdir)
+    state = {'params': {'w': np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    for step in (1, 2):
+      ckpt.save(step, state, {'step': step}, force=True)
+      ckpt.wait()
+    ckpt.close()
+    checkpoints.verify_checkpoint(f'{workdir}/checkpoints/2')  # TensorStore on the emulator.
+    assert checkpoints._resolve_checkpoint(workdir, None) == (f'{workdir}/checkpoints', 2)
+    params, step = checkpoints.load_params(workdir, 1)
+    assert step == 1
+    np.testing.assert_array_equal(params['w'], state['params']['w'])
+  assert not os.path.exists('gs:')

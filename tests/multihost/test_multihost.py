@@ -8,7 +8,6 @@ process. Parameters are split over the devices of *both* processes (FSDP over al
 no process ever holds a whole decoder kernel.
 """
 
-import json
 import os
 import re
 import signal
@@ -21,6 +20,7 @@ import pytest
 
 from ddep_jax import checkpoints
 from ddep_jax import evaluate
+from ddep_jax import fileio
 from ddep_jax import initialization
 from ddep_jax import optimizer as optimizer_lib
 from ddep_jax import sharding
@@ -29,12 +29,14 @@ from ddep_jax.data import input_pipeline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]  # harness and worker; tiny_config.
+import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
 import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 import worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG_FILE = os.path.join(harness.REPO, 'tests', 'tiny_config.py')
 WORKER = os.path.join(HERE, 'worker.py')
+GCS_TRAINER = os.path.join(HERE, 'gcs_trainer.py')
 NUM_PROCESSES = 2
 SEGMENTATION_RESULTS = ('mIoU', 'mAcc', 'aAcc', 'num_pixels', 'per_class_iou', 'per_class_acc',
                         'num_invalid_label_pixels')  # The last is summed over processes.
@@ -52,11 +54,11 @@ def _trainer_overrides(**extra):
   return {**worker.FSDP_ACROSS_PROCESSES, **extra}
 
 
-def _trainer_job(config_arg, workdir, overrides):
+def _trainer_job(config_arg, workdir, overrides, trainer=('-m', 'ddep_jax.main')):
   flags = [f'--config.{name}={value if isinstance(value, str) else repr(value)}'
            for name, value in overrides.items()]
   return lambda i, port: [
-      harness.PYTHON, '-m', 'ddep_jax.main', f'--config={CONFIG_FILE}:{config_arg}',
+      harness.PYTHON, *trainer, f'--config={CONFIG_FILE}:{config_arg}',
       f'--workdir={workdir}', *flags, *harness.distributed_flags(i, port, NUM_PROCESSES)]
 
 
@@ -78,8 +80,7 @@ def _all_devices_mesh():
 
 
 def _load_json(path):
-  with open(path) as f:
-    return json.load(f)
+  return fileio.read_json(str(path))
 
 
 def _load_npz(path):
@@ -130,11 +131,11 @@ def _events_files(workdir):
 def _assert_complete_checkpoints(workdir, steps):
   """Exactly `steps`, each with its state and meta, and no temporary (half-written) ones."""
   directory = checkpoints.checkpoint_dir(str(workdir))
-  assert sorted(os.listdir(directory)) == sorted(str(s) for s in steps)
+  assert fileio.listdir(directory) == sorted(str(s) for s in steps)
   for step in steps:
-    contents = set(os.listdir(os.path.join(directory, str(step))))
+    contents = set(fileio.listdir(fileio.join(directory, str(step))))
     assert {'state', 'meta'} <= contents, contents
-    assert _load_json(os.path.join(directory, str(step), 'meta', 'metadata'))['step'] == step
+    assert _load_json(fileio.join(directory, str(step), 'meta', 'metadata'))['step'] == step
 
 
 def _single_process_evaluation(config, model, params, mesh):
@@ -238,28 +239,42 @@ def test_sharded_state_checkpoint_and_evaluation_match_one_process(digit_scenes_
 
 # -- The trainer ----------------------------------------------------------------------------------
 
-def test_two_process_training_equals_one_process(digit_scenes_dir, tmp_path):
-  # The run starts from known parameters, another run's checkpoint (init_from), which both
-  # processes read. Adam divides by sqrt(v) + eps: with the default eps=1e-8 a parameter whose
-  # gradient is mathematically zero (the attention key bias: softmax ignores it) moves by rounding
-  # noise amplified to ~lr, different for any other summation order; eps=1e-3 keeps that noise out
-  # while real gradients still move parameters by up to ~lr.
+@pytest.fixture
+def gcs_root(tmp_path):
+  """A gs:// directory on a GCS emulator on 127.0.0.1, seen by this process and the workers.
+
+  Summaries go to tmp_path/summaries (see gcs_trainer.py: TensorFlow's GCS client cannot be
+  pointed at an emulator).
+  """
+  with gcs_emulator.running() as environment, gcs_emulator.patched_environ(
+      dict(environment, DDEP_TEST_SUMMARIES_DIR=str(tmp_path / 'summaries'))):
+    yield f'gs://{gcs_emulator.BUCKET}/multihost'
+
+
+def test_two_process_training_equals_one_process(digit_scenes_dir, tmp_path, gcs_root):
+  # Work directory and init checkpoint on gs:// (the GCS emulator), as on a pod. The run starts
+  # from known parameters, another run's checkpoint (init_from), which both processes read.
+  # Adam divides by sqrt(v) + eps: with the default eps=1e-8 a parameter whose gradient is
+  # mathematically zero (the attention key bias: softmax ignores it) moves by rounding noise
+  # amplified to ~lr, different for any other summation order; eps=1e-3 keeps that noise out while
+  # real gradients still move parameters by up to ~lr.
   arg = f'task=segment,steps=4,checkpoint_every=2,data_dir={digit_scenes_dir}'
-  overrides = _trainer_overrides(**{'init_from.checkpoint': str(tmp_path / 'init'),
+  overrides = _trainer_overrides(**{'init_from.checkpoint': f'{gcs_root}/init',
                                     'init_from.params': ('.*',), 'optimizer.eps': 1e-3})
   config = _trainer_config(arg, overrides)
   model = initialization.build_model_for(config)
   image_shape = initialization.image_shape(config)  # pylint: disable=protected-access
   abstract_params = train_step_lib.abstract_params(config, model, image_shape)
   init_params = worker.random_values(abstract_params, worker.STATE_SEED)
-  ckpt = checkpoints.Checkpointer(str(tmp_path / 'init'))
+  ckpt = checkpoints.Checkpointer(f'{gcs_root}/init')
   try:
     ckpt.save(0, {'params': init_params}, {'step': 0}, force=True)
   finally:
     ckpt.close()
 
-  workdir = tmp_path / 'run'
-  with harness.Launch(_trainer_job(arg, workdir, overrides), str(tmp_path / 'logs')) as launch:
+  workdir = f'{gcs_root}/run'
+  with harness.Launch(_trainer_job(arg, workdir, overrides, trainer=(GCS_TRAINER,)),
+                      str(tmp_path / 'logs')) as launch:
     launch.wait(timeout=TIMEOUT_S)
     pids = launch.pids
 
@@ -311,16 +326,16 @@ def test_two_process_training_equals_one_process(digit_scenes_dir, tmp_path):
                                  err_msg=k)
 
   # The final evaluation over both processes equals one process's evaluation of the same params.
-  written = _load_json(workdir / 'results' / 'val.json')
+  written = _load_json(f'{workdir}/results/val.json')
   params = initialization.place_params(checkpoints.load_params(str(workdir), 4)[0], model, config, mesh)
   single, _ = _single_process_evaluation(config, model, params, mesh)
   assert written['final'] is True and written['step'] == 4
   _assert_results_equal(written, single, SEGMENTATION_RESULTS)
 
   # Summaries and the config are written by process 0 alone.
-  events = _events_files(workdir)
+  events = _events_files(tmp_path / 'summaries' / gcs_emulator.BUCKET / 'multihost' / 'run')
   assert len(events) == 1 and f'.{pids[0]}.' in events[0], events
-  assert _load_json(workdir / 'config.json')['distributed']['num_processes'] == NUM_PROCESSES
+  assert _load_json(f'{workdir}/config.json')['distributed']['num_processes'] == NUM_PROCESSES
 
 
 def test_sigterm_on_one_process_makes_both_save_the_same_step(digit_scenes_dir, tmp_path):
