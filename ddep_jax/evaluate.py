@@ -10,8 +10,9 @@ a checkpoint and evaluates it, writing `results/<eval_name>.json`:
 Every evaluator runs one jitted step per global batch on the device mesh; sums (confusion
 matrices, losses, counts) are reduced by XLA over the global batch, so each host reads the same
 totals and a multi-host evaluation equals a single-host one. Segmentation infers each image on
-its own (`ddep_jax.inference`): one program per (scale, padded window shape) in the batch,
-chosen from every host's image sizes, so all hosts run the same programs. Examples that only pad
+its own (`ddep_jax.inference`): one program per unit (padded window shape, window grid and
+canvas) in the batch, shared across scales and batches, chosen from every host's image sizes, so
+all hosts run the same programs (counts per split in `inference`'s docstring). Examples that only pad
 the last batch (`valid == False`) and pixels labelled 255 never count.
 """
 

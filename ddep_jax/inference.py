@@ -15,23 +15,28 @@ The prediction of an image is a function of that image alone, as in MMSegmentati
 
 Batches. Images arrive padded to a common canvas [B, H, W, 3] with their own (height, width) in
 `sizes` [B, 2]; pixels outside an image are never read (they are set to 0 first). The model input
-of an image (its padded window shape) is a function of the image's own size, so one jitted
-program cannot serve every image of a mixed-size batch: `plan` groups the (scale, image) pairs of
-a batch into `Unit`s by padded window shape, and `unit_probabilities` runs one unit on the whole
-batch (a pure, traceable function; images outside the unit contribute 0), the windows at fixed
-shape with per-image offsets. One XLA program per distinct unit, reused across batches: for a
-split, at most (number of scales) x (distinct padded window shapes) x (distinct window counts,
-rounded up to powers of two; a shape takes the largest count in the batch). Images at least as
-large as the crop share the crop's shape; only images smaller than the crop at some scale add
-shapes (one per 16-px step of each short side). ADE20K-like split (short side 512, crop 512,
-six scales 0.5 ... 1.75): one shape at each scale >= 1 (times its window counts met across
-batches: 1, 2, 4, 8 or 16), and at scales 0.5 and 0.75 one per 16-px step of the scaled long
-side below 512 (portrait and landscape apart): 54 shapes for aspect ratios from 1:4 to 4:1,
-16 for the common ones (512x512, 512x640, 512x683,
-512x768, 512x910, 512x1024 and their portraits). A Pascal Context-like split (images of at most
-500 px, all smaller than the crop at scales <= 1) can need many more: up to 252 for every
-height and width from 100 to 500 px.
-Cityscapes (all frames 1024x2048, the halves protocol) is a single program.
+of an image (its padded window) is a function of the image's own size, so one jitted program
+cannot serve every image of a mixed-size batch: `plan` groups the (scale, image) pairs of a batch
+into `Unit`s by (window shape, window grid, canvas), and `unit_probabilities` runs one unit on
+the whole batch (a pure, traceable function; images outside the unit contribute 0), the windows
+at fixed shape with per-image offsets. The scale is not part of a program (each member's own
+size at the scale is an argument), so scales share programs. Memory follows the unit: the
+rescaled image and the window sums are held at the unit's canvas (the grid's extent, less than
+one stride beyond the member's own scaled size per axis), not at the batch canvas, and the model
+sees at most two windows per image per call (larger grids loop), whatever the scale. Only the
+averaged probabilities are held at the batch canvas.
+
+Programs: one per distinct unit of the split, reused across batches and scales; Cityscapes (all
+frames 1024x2048, the halves protocol) is one. With 512x512 windows at stride 341 and the six
+scales 0.5 ... 1.75 (counted with `programs`): an ADE20K-like split (short side 512, long side
+512 ... 2048, portrait and landscape) compiles 105 (35 for the common sizes 512x512, 512x640,
+512x683, 512x768, 512x910, 512x1024 and their portraits); images smaller than the crop at some
+scale need one program per distinct padded window, so a Pascal Context-like split (every size up
+to 500 px) compiles 1535 with MMSegmentation's padding. `window_step` (default: the size
+divisor) rounds those windows up further, padding them with more zeros after normalisation
+(a change for any model whose output depends on its whole input), and bounds their number at
+(crop / window_step)^2: see docs/performance.md for the counts and throughput measured with
+experiments/benchmarks/eval_protocols_benchmark.py.
 
 `predict_image_probabilities` runs a protocol on ONE image of any size (for prediction tools);
 `predict_probabilities` on a batch with concrete sizes.
