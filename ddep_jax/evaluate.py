@@ -10,8 +10,9 @@ a checkpoint and evaluates it, writing `results/<eval_name>.json`:
 Every evaluator runs one jitted step per global batch on the device mesh; sums (confusion
 matrices, losses, counts) are reduced by XLA over the global batch, so each host reads the same
 totals and a multi-host evaluation equals a single-host one. Segmentation infers each image on
-its own (`ddep_jax.inference`): one program per (scale, padded window shape) in the batch,
-chosen from every host's image sizes, so all hosts run the same programs. Examples that only pad
+its own (`ddep_jax.inference`): one program per unit (padded window shape, window grid and
+canvas) in the batch, shared across scales and batches, chosen from every host's image sizes, so
+all hosts run the same programs (counts per split in `inference`'s docstring). Examples that only pad
 the last batch (`valid == False`) and pixels labelled 255 never count.
 """
 
@@ -89,16 +90,19 @@ class Evaluator:
       self._geometry = dict(
           mode=eval_config.mode,
           crop_size=tuple(eval_config.crop_size) if eval_config.crop_size else None,
-          stride=tuple(eval_config.stride) if eval_config.stride else None,
-          size_divisor=sharding_size_divisor(config))
+          stride=tuple(eval_config.stride) if eval_config.stride else None)
+      self._plan_args = dict(self._geometry, size_divisor=sharding_size_divisor(config),
+                             window_step=eval_config.window_step,
+                             scales=tuple(eval_config.scales))
       self._protocol = dict(self._geometry, flip=eval_config.flip)
       self._scales = tuple(eval_config.scales)
       batch_sharding = sharding.batch_sharding(mesh)
+      self._replicated = _replicated(mesh)
       self._zeros_fn = jax.jit(jnp.zeros, static_argnums=(0,), out_shardings=batch_sharding)
-      # One program per inference unit (scale and padded window shape), reused across batches;
-      # the probability sums are donated, so a batch holds one copy.
+      # One program per inference unit (window shape, grid and canvas; `inference.plan`), reused
+      # across batches and scales; the probability sums are donated, so a batch holds one copy.
       self._unit_fn = jax.jit(self._unit_probabilities, static_argnames=('unit',),
-                              donate_argnums=(3,), out_shardings=batch_sharding)
+                              donate_argnums=(4,), out_shardings=batch_sharding)
 
   # -- per task, a pure function of (params, global batch, batch index) -> sums ----------------
 
@@ -106,16 +110,19 @@ class Evaluator:
     out, _ = self.model.apply({'params': params}, images, train=False)
     return out
 
-  def _unit_probabilities(self, params, images, sizes, probability_sums, *, unit):
+  def _unit_probabilities(self, params, images, sizes, scaled_sizes, probability_sums, *, unit):
     return probability_sums + inference.unit_probabilities(
-        functools.partial(self._predict, params), images, sizes, unit, **self._protocol)
+        functools.partial(self._predict, params), images, sizes, scaled_sizes, unit,
+        **self._protocol)
 
   def _segment_statistics(self, params, batch, global_sizes):
     """Per-image inference (`inference`), one program per unit present in the batch."""
     image = batch['image']
     sums = self._zeros_fn((*image.shape[:3], self.config.num_classes))
-    for unit in inference.plan(global_sizes, scales=self._scales, **self._geometry):
-      sums = self._unit_fn(params, image, batch['orig_size'], sums, unit=unit)
+    for unit, scaled_sizes in inference.plan(global_sizes, **self._plan_args):
+      # Computed from the gathered sizes, so the same on every host: replicated.
+      scaled_sizes = jax.make_array_from_process_local_data(self._replicated, scaled_sizes)
+      sums = self._unit_fn(params, image, batch['orig_size'], scaled_sizes, sums, unit=unit)
     return self._step_fn(params, dict(batch, probability_sums=sums))
 
   def _batch_statistics(self, params, batch):

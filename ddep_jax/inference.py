@@ -15,23 +15,28 @@ The prediction of an image is a function of that image alone, as in MMSegmentati
 
 Batches. Images arrive padded to a common canvas [B, H, W, 3] with their own (height, width) in
 `sizes` [B, 2]; pixels outside an image are never read (they are set to 0 first). The model input
-of an image (its padded window shape) is a function of the image's own size, so one jitted
-program cannot serve every image of a mixed-size batch: `plan` groups the (scale, image) pairs of
-a batch into `Unit`s by padded window shape, and `unit_probabilities` runs one unit on the whole
-batch (a pure, traceable function; images outside the unit contribute 0), the windows at fixed
-shape with per-image offsets. One XLA program per distinct unit, reused across batches: for a
-split, at most (number of scales) x (distinct padded window shapes) x (distinct window counts,
-rounded up to powers of two; a shape takes the largest count in the batch). Images at least as
-large as the crop share the crop's shape; only images smaller than the crop at some scale add
-shapes (one per 16-px step of each short side). ADE20K-like split (short side 512, crop 512,
-six scales 0.5 ... 1.75): one shape at each scale >= 1 (times its window counts met across
-batches: 1, 2, 4, 8 or 16), and at scales 0.5 and 0.75 one per 16-px step of the scaled long
-side below 512 (portrait and landscape apart): 54 shapes for aspect ratios from 1:4 to 4:1,
-16 for the common ones (512x512, 512x640, 512x683,
-512x768, 512x910, 512x1024 and their portraits). A Pascal Context-like split (images of at most
-500 px, all smaller than the crop at scales <= 1) can need many more: up to 252 for every
-height and width from 100 to 500 px.
-Cityscapes (all frames 1024x2048, the halves protocol) is a single program.
+of an image (its padded window) is a function of the image's own size, so one jitted program
+cannot serve every image of a mixed-size batch: `plan` groups the (scale, image) pairs of a batch
+into `Unit`s by (window shape, window grid, canvas), and `unit_probabilities` runs one unit on
+the whole batch (a pure, traceable function; images outside the unit contribute 0), the windows
+at fixed shape with per-image offsets. The scale is not part of a program (each member's own
+size at the scale is an argument), so scales share programs. Memory follows the unit: the
+rescaled image and the window sums are held at the unit's canvas (the grid's extent, less than
+one stride beyond the member's own scaled size per axis), not at the batch canvas, and the model
+sees at most two windows per image per call (larger grids loop), whatever the scale. Only the
+averaged probabilities are held at the batch canvas.
+
+Programs: one per distinct unit of the split, reused across batches and scales; Cityscapes (all
+frames 1024x2048, the halves protocol) is one. With 512x512 windows at stride 341 and the six
+scales 0.5 ... 1.75 (counted with `programs`): an ADE20K-like split (short side 512, long side
+512 ... 2048, portrait and landscape) compiles 105 (35 for the common sizes 512x512, 512x640,
+512x683, 512x768, 512x910, 512x1024 and their portraits); images smaller than the crop at some
+scale need one program per distinct padded window, so a Pascal Context-like split (every size up
+to 500 px) compiles 1535 with MMSegmentation's padding. `window_step` (default: the size
+divisor) rounds those windows up further, padding them with more zeros after normalisation
+(a change for any model whose output depends on its whole input), and bounds their number at
+(crop / window_step)^2: see docs/performance.md for the counts and throughput measured with
+experiments/benchmarks/eval_protocols_benchmark.py.
 
 `predict_image_probabilities` runs a protocol on ONE image of any size (for prediction tools);
 `predict_probabilities` on a batch with concrete sizes.
@@ -99,45 +104,90 @@ def _round_up(x, multiple):
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-  """One jitted program: the images of a batch at `scale` whose padded window is `window`.
+  """One jitted program: images whose windows at some scale have one shape and one grid.
+
+  The scale is not part of the program (the own sizes at the scale are an argument), so images
+  at different scales share a program when their window, grid and canvas agree.
 
   Attributes:
-    scale: the test scale.
-    window: (height, width) of the model input, a multiple of the size divisor.
-    num_windows: windows per image run (a power of two >= every member image's own count).
+    window: (height, width) of the model input: an image's own crop (the crop size, or the whole
+      image where it is smaller) rounded up to the window step.
+    grid: (rows, columns) of the windows of every member image.
+    canvas: (height, width) that holds a member at its scale, `(grid - 1) * stride + window` per
+      axis: every window, the last one flush with the member's border, lies inside it.
+    rescale: whether the scale differs from 1 (at 1 the image is read as it is).
   """
-  scale: float
   window: tuple[int, int]
-  num_windows: int
+  grid: tuple[int, int]
+  canvas: tuple[int, int]
+  rescale: bool
+
+  @property
+  def num_windows(self) -> int:
+    return self.grid[0] * self.grid[1]
 
 
-def _axis_geometry(length: int, crop: int | None, stride: int | None, divisor: int):
-  """(padded window length, number of windows) of an image side of `length` pixels."""
-  crop_eff = length if crop is None else min(crop, length)
-  num = 1 if crop is None else max(length - crop_eff + stride - 1, 0) // stride + 1
-  return _round_up(crop_eff, divisor), num
+def _axis_geometry(length: int, crop: int | None, stride: int | None, divisor: int, step: int):
+  """(padded window, number of windows, canvas) along an image side of `length` pixels."""
+  if crop is None:  # Whole image: one window, the image itself.
+    window = _round_up(length, step)
+    return window, 1, window
+  num = max(length - min(crop, length) + stride - 1, 0) // stride + 1
+  # Sides at least as large as the crop all use the crop (padded to the divisor only): the step
+  # coarsens only the windows of smaller images, never beyond that.
+  window = min(_round_up(min(crop, length), step), _round_up(crop, divisor))
+  return window, num, (num - 1) * stride + window
+
+
+def _window_step(size_divisor: int, window_step: int | None) -> int:
+  step = size_divisor if window_step is None else int(window_step)
+  if step <= 0 or step % size_divisor:
+    raise ValueError(f'window_step must be a positive multiple of the size divisor '
+                     f'{size_divisor}, got {window_step}.')
+  return step
 
 
 def plan(sizes, *, mode: str = 'whole', scales: Sequence[float] = (1.0,),
          crop_size: Sequence[int] | None = None, stride: Sequence[int] | None = None,
-         size_divisor: int = 16) -> list[Unit]:
-  """The units that cover every image of `sizes` ([N, 2] own heights and widths; rows with a 0
-  are skipped) at every scale, in a fixed order (the same on every host given the same sizes)."""
+         size_divisor: int = 16, window_step: int | None = None) -> list[tuple[Unit, np.ndarray]]:
+  """The program calls that cover every image of `sizes` at every scale.
+
+  Args:
+    sizes: [N, 2] own heights and widths (rows with a 0 are padding and skipped).
+    window_step: granularity of the window sides of images smaller than the crop (and of whole
+      images); None: `size_divisor`, MMSegmentation's padding. A coarser step pads such windows
+      with more zeros (after normalisation) so that fewer distinct programs are compiled.
+    The rest as `predict_probabilities`.
+
+  Returns:
+    [(unit, scaled_sizes)], one entry per call, in a fixed order (the same on every host given
+    the same sizes): `scaled_sizes` [N, 2] int32 holds each member's own size at the scale and
+    0 for every other image.
+  """
   check_protocol(mode, scales, crop_size, stride)
+  step = _window_step(size_divisor, window_step)
   crop = (None, None) if mode == 'whole' else tuple(int(c) for c in crop_size)
-  step = (None, None) if mode == 'whole' else tuple(int(s) for s in stride)
-  units = []
+  step_hw = (None, None) if mode == 'whole' else tuple(int(s) for s in stride)
+  sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
+  calls = []
   for scale in scales:
-    counts = {}
-    for height, width in np.asarray(sizes).reshape(-1, 2).tolist():
+    members = {}
+    for i, (height, width) in enumerate(sizes.tolist()):
       if height <= 0 or width <= 0:
         continue
-      (wh, nh), (ww, nw) = (_axis_geometry(scaled_length(n, scale), crop[a], step[a],
-                                           size_divisor) for a, n in enumerate((height, width)))
-      counts[(wh, ww)] = max(counts.get((wh, ww), 0), nh * nw)
-    units.extend(Unit(float(scale), window, 1 << (count - 1).bit_length())
-                 for window, count in sorted(counts.items()))
-  return units
+      scaled = (scaled_length(height, scale), scaled_length(width, scale))
+      (wh, nh, ch), (ww, nw, cw) = (_axis_geometry(n, crop[a], step_hw[a], size_divisor, step)
+                                    for a, n in enumerate(scaled))
+      unit = Unit((wh, ww), (nh, nw), (ch, cw), scale != 1.0)
+      members.setdefault(unit, np.zeros((len(sizes), 2), np.int32))[i] = scaled
+    calls.extend(sorted(members.items(), key=lambda item: dataclasses.astuple(item[0])))
+  return calls
+
+
+def programs(sizes, **protocol) -> set[Unit]:
+  """The distinct programs (units) a split of image `sizes` compiles under the protocol
+  (arguments as `plan`), whatever its batches."""
+  return {unit for unit, _ in plan(sizes, **protocol)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,9 +198,10 @@ def plan(sizes, *, mode: str = 'whole', scales: Sequence[float] = (1.0,),
 def _resize_axis(x: jax.Array, axis: int, n_in, n_out, out_len: int) -> jax.Array:
   """Bilinear resize of the first `n_in` entries along `axis` to `n_out` entries, in an axis of
   static length `out_len` (zero beyond `n_out`); the weights of `jax.image.resize(...,
-  'bilinear', antialias=False)` on the image alone (half-pixel centres, edge taps renormalised)."""
-  n_in_f = jnp.asarray(n_in, jnp.float32)
-  inv_scale = 1.0 / (jnp.asarray(n_out, jnp.float32) / n_in_f)
+  'bilinear', antialias=False)` on the image alone (half-pixel centres, edge taps renormalised).
+  Sizes of 0 (images outside the program) give zeros."""
+  n_in_f = jnp.asarray(jnp.maximum(n_in, 1), jnp.float32)
+  inv_scale = 1.0 / (jnp.asarray(jnp.maximum(n_out, 1), jnp.float32) / n_in_f)
   sample = (jnp.arange(out_len, dtype=jnp.float32) + 0.5) * inv_scale - 0.5
   left = jnp.floor(sample)
   w_right = sample - left
@@ -159,9 +210,9 @@ def _resize_axis(x: jax.Array, axis: int, n_in, n_out, out_len: int) -> jax.Arra
   w_left = jnp.where(left >= 0, w_left, 0.0)
   w_right = jnp.where(left + 1 <= n_in - 1, w_right, 0.0)
   total = w_left + w_right
-  inside = jnp.arange(out_len) < n_out
-  w_left = jnp.where(inside, w_left / total, 0.0)
-  w_right = jnp.where(inside, w_right / total, 0.0)
+  inside = (jnp.arange(out_len) < n_out) & (total > 0)
+  w_left = jnp.where(inside, w_left / jnp.where(inside, total, 1.0), 0.0)
+  w_right = jnp.where(inside, w_right / jnp.where(inside, total, 1.0), 0.0)
   last = x.shape[axis] - 1
   shape = [1] * x.ndim
   shape[axis] = out_len
@@ -177,6 +228,12 @@ def _resize_image(x: jax.Array, size_in, size_out, out_hw: tuple[int, int]) -> j
   return _resize_axis(x, 1, size_in[1], size_out[1], out_hw[1])
 
 
+def _fit(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
+  """[B, H, W, C] cut or zero-padded bottom/right to [B, *hw, C] (images sit at the top left)."""
+  x = x[:, :hw[0], :hw[1]]
+  return jnp.pad(x, ((0, 0), (0, hw[0] - x.shape[1]), (0, hw[1] - x.shape[2]), (0, 0)))
+
+
 def _flip_image(x: jax.Array, width) -> jax.Array:
   """Mirrors the first `width` columns of [H, W, C] (the image itself, not the canvas)."""
   cols = jnp.arange(x.shape[1])
@@ -189,115 +246,130 @@ def _inside(size, hw: tuple[int, int]) -> jax.Array:
   return (rows & (jnp.arange(hw[1])[None, :] < size[1]))[..., None]
 
 
+# Windows of each image per model call: a grid of at most this many (Cityscapes' two halves) is
+# one call; larger grids loop over groups, so the model's batch (and its activations and logits)
+# stays this many windows per image whatever the scale.
+_WINDOWS_PER_CALL = 2
+
+
 def _window_logits(predict_fn: PredictFn, x: jax.Array, sizes: jax.Array, unit: Unit,
                    crop_size, stride) -> jax.Array:
-  """Averaged window logits [B, H, W, K] of the images x [B, H, W, C] of own `sizes`.
+  """Averaged window logits [B, *unit.canvas, K] of the images x [B, *unit.canvas, C] of own
+  `sizes` (0 for images outside the unit, whose logits are then meaningless).
 
-  Every image runs `unit.num_windows` windows of shape `unit.window` (window-major in one model
-  batch); windows beyond an image's own count, and window pixels beyond its own crop, add nothing.
+  Every image runs the unit's grid of windows of shape `unit.window` (at most
+  `_WINDOWS_PER_CALL` per image in one model batch, window-major); window pixels beyond an
+  image's own crop add nothing.
   """
-  batch, height, width, _ = x.shape
+  batch = x.shape[0]
   wh, ww = unit.window
+  sizes = jnp.maximum(sizes, 1)
   if crop_size is None:  # Whole image: one window from the top left.
     crop_h, crop_w = sizes[:, 0], sizes[:, 1]
     stride_h = stride_w = 1
   else:
     crop_h, crop_w = jnp.minimum(crop_size[0], sizes[:, 0]), jnp.minimum(crop_size[1], sizes[:, 1])
     stride_h, stride_w = int(stride[0]), int(stride[1])
-  num_h = jnp.maximum(sizes[:, 0] - crop_h + stride_h - 1, 0) // stride_h + 1
-  num_w = jnp.maximum(sizes[:, 1] - crop_w + stride_w - 1, 0) // stride_w + 1
-  if crop_size is None:
-    num_h = num_w = jnp.ones_like(num_h)
-  # Room for windows that reach past the canvas (divisor padding), so slices never shift.
-  x = jnp.pad(x, ((0, 0), (0, wh), (0, ww), (0, 0)))
+  num_w = unit.grid[1]
   in_window = ((jnp.arange(wh)[None, :, None] < crop_h[:, None, None])
                & (jnp.arange(ww)[None, None, :] < crop_w[:, None, None]))[..., None]
-  # Window k of every image, [num_windows, B]: row-major over the image's own grid.
-  k = jnp.arange(unit.num_windows)[:, None]
-  valid = k < num_h * num_w
-  top = jnp.maximum(jnp.minimum((k // num_w) * stride_h + crop_h, sizes[:, 0]) - crop_h, 0)
-  left = jnp.maximum(jnp.minimum((k % num_w) * stride_w + crop_w, sizes[:, 1]) - crop_w, 0)
-  top, left = jnp.where(valid, top, 0), jnp.where(valid, left, 0)
+
+  def offsets(k):  # Window k of every image, row-major over the grid (MMSeg's order).
+    top = jnp.maximum(jnp.minimum((k // num_w) * stride_h + crop_h, sizes[:, 0]) - crop_h, 0)
+    left = jnp.maximum(jnp.minimum((k % num_w) * stride_w + crop_w, sizes[:, 1]) - crop_w, 0)
+    return top, left
 
   def crop(image, t, l):
     return jax.lax.dynamic_slice(image, (t, l, 0), (wh, ww, image.shape[-1]))
-
-  # MMSeg pads a window after normalisation: 0. Stacked window-major, one model batch.
-  windows = [jnp.where(in_window, jax.vmap(crop)(x, top[i], left[i]), 0.0)
-             for i in range(unit.num_windows)]
-  logits = predict_fn(jnp.concatenate(windows, axis=0)).astype(jnp.float32)
-  logits = logits.reshape(unit.num_windows, batch, wh, ww, logits.shape[-1])
-  total = jnp.zeros((batch, height + wh, width + ww, logits.shape[-1]), jnp.float32)
-  count = jnp.zeros((batch, height + wh, width + ww, 1), jnp.float32)
 
   def add(acc, value, t, l):
     region = jax.lax.dynamic_slice(acc, (t, l, 0), value.shape)
     return jax.lax.dynamic_update_slice(acc, region + value, (t, l, 0))
 
-  def add_window(index, sums):  # In window order, as MMSeg's loop adds them.
+  per_call = _WINDOWS_PER_CALL if unit.num_windows % _WINDOWS_PER_CALL == 0 else 1
+  per_call = min(per_call, unit.num_windows)
+
+  def group_logits(group):  # [per_call, B, wh, ww, K] of windows group * per_call + i.
+    # MMSeg pads a window after normalisation: 0. Stacked window-major, one model batch.
+    windows = [jnp.where(in_window, jax.vmap(crop)(x, *offsets(group * per_call + i)), 0.0)
+               for i in range(per_call)]
+    logits = predict_fn(jnp.concatenate(windows, axis=0)).astype(jnp.float32)
+    return logits.reshape(per_call, batch, wh, ww, logits.shape[-1])
+
+  def add_group(group, logits, sums):
     total, count = sums
-    keep = in_window & valid[index][:, None, None, None]
-    total = jax.vmap(add)(total, jnp.where(keep, logits[index], 0.0), top[index], left[index])
-    count = jax.vmap(add)(count, jnp.where(keep, 1.0, 0.0), top[index], left[index])
+    for i in range(per_call):  # In window order, as MMSeg's loop adds them.
+      top, left = offsets(group * per_call + i)
+      total = jax.vmap(add)(total, jnp.where(in_window, logits[i], 0.0), top, left)
+      count = jax.vmap(add)(count, jnp.where(in_window, 1.0, 0.0), top, left)
     return total, count
 
-  total, count = jax.lax.fori_loop(0, unit.num_windows, add_window, (total, count))
-  total, count = total[:, :height, :width], count[:, :height, :width]
+  def zeros(num_classes):
+    return (jnp.zeros((batch, *unit.canvas, num_classes), jnp.float32),
+            jnp.zeros((batch, *unit.canvas, 1), jnp.float32))
+
+  num_calls = unit.num_windows // per_call
+  if num_calls == 1:
+    logits = group_logits(0)
+    total, count = add_group(0, logits, zeros(logits.shape[-1]))
+  else:  # The model appears once in the program, in the loop body.
+    num_classes = jax.eval_shape(group_logits, 0).shape[-1]
+    total, count = jax.lax.fori_loop(0, num_calls, lambda g, sums: add_group(
+        g, group_logits(g), sums), zeros(num_classes))
   return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
 
 
-def unit_probabilities(predict_fn: PredictFn, images: jax.Array, sizes: jax.Array, unit: Unit,
-                       *, mode: str = 'whole', flip: bool = False,
-                       crop_size: Sequence[int] | None = None,
-                       stride: Sequence[int] | None = None, size_divisor: int = 16) -> jax.Array:
+def unit_probabilities(predict_fn: PredictFn, images: jax.Array, sizes: jax.Array,
+                       scaled_sizes: jax.Array, unit: Unit, *, mode: str = 'whole',
+                       flip: bool = False, crop_size: Sequence[int] | None = None,
+                       stride: Sequence[int] | None = None) -> jax.Array:
   """Summed softmax probabilities [B, H, W, K] of `unit` (and its flip) per image.
 
-  Pure and traceable in `images` (float32 [B, H, W, 3] canvas) and `sizes` (int [B, 2], own
-  height and width; 0 for padding examples). Images whose padded window at `unit.scale` is not
-  `unit.window`, and pixels outside each image, get 0.
+  Pure and traceable in `images` (float32 [B, H, W, 3] canvas), `sizes` (int [B, 2], own height
+  and width; 0 for padding examples) and `scaled_sizes` (int [B, 2], a member's own size at the
+  scale of this call, 0 for every image outside the unit: `plan` gives them). Images outside the
+  unit, and pixels outside each image, get 0. The model input and every buffer follow the unit's
+  window and canvas, not the batch canvas.
   """
   height, width = images.shape[1:3]
   sizes = jnp.asarray(sizes, jnp.int32)
+  scaled_sizes = jnp.asarray(scaled_sizes, jnp.int32)
+  member = jnp.all(scaled_sizes > 0, axis=-1)
   crop = None if mode == 'whole' else tuple(int(c) for c in crop_size)
   canvas = (height, width)
-  if unit.scale == 1.0:
-    scaled_sizes, scaled_canvas = sizes, canvas
-  else:
-    scaled_sizes = jnp.maximum(jnp.floor(sizes * unit.scale + 0.5).astype(jnp.int32), 1)
-    scaled_canvas = tuple(scaled_length(n, unit.scale) for n in canvas)
-  # Members: valid images whose own padded window at this scale is the unit's (`plan`).
-  member = jnp.all(sizes > 0, axis=-1)
-  for a in (0, 1):
-    own = scaled_sizes[:, a] if crop is None else jnp.minimum(scaled_sizes[:, a], crop[a])
-    member &= _round_up(own, size_divisor) == unit.window[a]
-  x = jnp.where(jax.vmap(_inside, in_axes=(0, None))(sizes, canvas), images, 0.0)
-  if unit.scale != 1.0:
-    x = jax.vmap(_resize_image, in_axes=(0, 0, 0, None))(x, sizes, scaled_sizes, scaled_canvas)
+  inside = jax.vmap(_inside, in_axes=(0, None))(sizes, canvas)
+  x = jnp.where(inside, images, 0.0)
+  if unit.rescale:
+    x = jax.vmap(_resize_image, in_axes=(0, 0, 0, None))(x, sizes, scaled_sizes, unit.canvas)
+  else:  # Members fit the unit's canvas; the rest of the batch canvas holds no member pixel.
+    x = _fit(x, unit.canvas)
   total = 0.0
   for flipped in ((False, True) if flip else (False,)):
     xi = jax.vmap(_flip_image)(x, scaled_sizes[:, 1]) if flipped else x
     logits = _window_logits(predict_fn, xi, scaled_sizes, unit, crop, stride)
     if flipped:
       logits = jax.vmap(_flip_image)(logits, scaled_sizes[:, 1])
-    if unit.scale != 1.0:
+    if unit.rescale:
       logits = jax.vmap(_resize_image, in_axes=(0, 0, 0, None))(logits, scaled_sizes, sizes,
                                                                   canvas)
-    keep = jax.vmap(_inside, in_axes=(0, None))(sizes, canvas) & member[:, None, None, None]
+    else:
+      logits = _fit(logits, canvas)
+    keep = inside & member[:, None, None, None]
     total = total + jnp.where(keep, jax.nn.softmax(logits, axis=-1), 0.0)
   return total
 
 
 # Compiled per (predict_fn, unit, protocol, shapes); inlined when called inside another jit.
 _jitted_unit_probabilities = jax.jit(
-    unit_probabilities, static_argnums=(0, 3),
-    static_argnames=('mode', 'flip', 'crop_size', 'stride', 'size_divisor'))
+    unit_probabilities, static_argnums=(0, 4),
+    static_argnames=('mode', 'flip', 'crop_size', 'stride'))
 
 
 def predict_probabilities(predict_fn: PredictFn, images: jax.Array, sizes=None, *,
                           mode: str = 'whole', scales: Sequence[float] = (1.0,),
                           flip: bool = False, crop_size: Sequence[int] | None = None,
-                          stride: Sequence[int] | None = None,
-                          size_divisor: int = 16) -> jax.Array:
+                          stride: Sequence[int] | None = None, size_divisor: int = 16,
+                          window_step: int | None = None) -> jax.Array:
   """Class probabilities [B, H, W, K] of each image under the inference protocol.
 
   Args:
@@ -311,6 +383,7 @@ def predict_probabilities(predict_fn: PredictFn, images: jax.Array, sizes=None, 
     flip: also average the horizontally flipped prediction.
     crop_size, stride: sliding-window geometry (at each scale), required for mode='sliding'.
     size_divisor: the model's input granularity (16 for the TransUNet, 32 for the R50 U-Net).
+    window_step: see `plan` (None: `size_divisor`, MMSegmentation's padding).
 
   Returns:
     The averaged probabilities; 0 outside each image and for images of size 0.
@@ -320,11 +393,13 @@ def predict_probabilities(predict_fn: PredictFn, images: jax.Array, sizes=None, 
     sizes = np.broadcast_to(np.asarray(images.shape[1:3], np.int32), (images.shape[0], 2))
   sizes = np.asarray(sizes, np.int32)
   protocol = dict(mode=mode, flip=flip, crop_size=None if crop_size is None else tuple(crop_size),
-                  stride=None if stride is None else tuple(stride), size_divisor=size_divisor)
+                  stride=None if stride is None else tuple(stride))
   total = 0.0
-  for unit in plan(sizes, mode=mode, scales=scales, crop_size=crop_size, stride=stride,
-                   size_divisor=size_divisor):
-    total = total + _jitted_unit_probabilities(predict_fn, images, sizes, unit, **protocol)
+  for unit, scaled_sizes in plan(sizes, mode=mode, scales=scales, crop_size=crop_size,
+                                 stride=stride, size_divisor=size_divisor,
+                                 window_step=window_step):
+    total = total + _jitted_unit_probabilities(predict_fn, images, sizes, scaled_sizes, unit,
+                                               **protocol)
   return total / num_predictions(scales, flip)
 
 
@@ -337,7 +412,8 @@ def predict_image_probabilities(predict_fn: PredictFn, image, *, mode: str = 'wh
                                 scales: Sequence[float] = (1.0,), flip: bool = False,
                                 crop_size: Sequence[int] | None = None,
                                 stride: Sequence[int] | None = None,
-                                size_divisor: int = 16) -> jax.Array:
+                                size_divisor: int = 16,
+                                window_step: int | None = None) -> jax.Array:
   """Class probabilities [H, W, K] of ONE image [H, W, 3] of any size (normalised to [-1, 1])
   under the protocol (arguments as `predict_probabilities`), e.g. for a prediction tool::
 
@@ -354,4 +430,4 @@ def predict_image_probabilities(predict_fn: PredictFn, image, *, mode: str = 'wh
     raise ValueError(f'Expected one image [H, W, C], got shape {image.shape}.')
   return predict_probabilities(predict_fn, image[None], None, mode=mode, scales=scales,
                                flip=flip, crop_size=crop_size, stride=stride,
-                               size_divisor=size_divisor)[0]
+                               size_divisor=size_divisor, window_step=window_step)[0]

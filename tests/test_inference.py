@@ -223,13 +223,39 @@ def test_probabilities_equal_plain_per_image_reference(protocol):
     assert float(jnp.sum(jnp.abs(got[i, h:])) + jnp.sum(jnp.abs(got[i, :, w:]))) == 0.0
 
 
-def test_plan_groups_images_by_padded_window():
+def test_plan_groups_images_by_window_grid_and_canvas():
   # 512 crop, stride 341, scale 1 and 0.5: ADE20K-like 512x683 and 683x512 images.
-  units = inference.plan([[512, 683], [683, 512], [512, 512], [0, 0]], mode='sliding',
+  calls = inference.plan([[512, 683], [683, 512], [512, 512], [0, 0]], mode='sliding',
                          scales=(0.5, 1.0), crop_size=(512, 512), stride=(341, 341))
-  assert units == [
-      inference.Unit(0.5, (256, 256), 1),  # 256x256
-      inference.Unit(0.5, (256, 352), 1),  # 256x342 -> padded to 352
-      inference.Unit(0.5, (352, 256), 1),
-      inference.Unit(1.0, (512, 512), 2),  # Two windows at most (683 long side).
+  unit = inference.Unit
+  assert [(u, s.tolist()) for u, s in calls] == [
+      (unit((256, 256), (1, 1), (256, 256), True), [[0, 0], [0, 0], [256, 256], [0, 0]]),
+      # 256x342 -> padded to 352.
+      (unit((256, 352), (1, 1), (256, 352), True), [[256, 342], [0, 0], [0, 0], [0, 0]]),
+      (unit((352, 256), (1, 1), (352, 256), True), [[0, 0], [342, 256], [0, 0], [0, 0]]),
+      # Scale 1: one window, and two along the 683 side (the canvas holds 341 + 512).
+      (unit((512, 512), (1, 1), (512, 512), False), [[0, 0], [0, 0], [512, 512], [0, 0]]),
+      (unit((512, 512), (1, 2), (512, 853), False), [[512, 683], [0, 0], [0, 0], [0, 0]]),
+      (unit((512, 512), (2, 1), (853, 512), False), [[0, 0], [683, 512], [0, 0], [0, 0]]),
   ]
+
+
+def test_window_step_pads_small_windows_only_and_shares_programs():
+  sizes = [[300, 410], [310, 400], [700, 900]]
+  exact = inference.programs(sizes, mode='sliding', crop_size=(512, 512), stride=(341, 341))
+  coarse = inference.programs(sizes, mode='sliding', crop_size=(512, 512), stride=(341, 341),
+                              window_step=128)
+  assert {u.window for u in exact} == {(304, 416), (320, 400), (512, 512)}
+  # Both small images share one 384x512 program (the crop caps the rounding); large ones keep it.
+  assert {u.window for u in coarse} == {(384, 512), (512, 512)}
+  with pytest.raises(ValueError, match='multiple of the size divisor'):
+    inference.plan(sizes, window_step=24)
+
+
+def test_coarse_window_step_equals_zero_padding_to_that_step():
+  # With window_step=16 (divisor 8) the model sees the image padded with 0 to a multiple of 16:
+  # the plain reference at size_divisor 16 is the same computation.
+  image = _random_images(((13, 21),))[0]
+  got = inference.predict_image_probabilities(_conv_model, image, size_divisor=8, window_step=16)
+  expected = _plain_reference(_conv_model, image, size_divisor=16)
+  np.testing.assert_allclose(got, expected, atol=1e-5)

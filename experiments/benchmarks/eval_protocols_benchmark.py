@@ -8,7 +8,8 @@ Runs `evaluate.Evaluator.run` on dummy images of realistic sizes, fed straight i
 the eval resize leaves them), each with its config's protocol: 512x512 sliding windows at stride
 341 with flips, at the six scales 0.5 ... 1.75 (`--scales=1` for one scale). Prints, per protocol,
 the images per second of the first pass (compiles included), of a second pass (compiled programs
-reused) and the number of XLA compilations each pass triggered. The model is the `tiny` preset
+reused) and the number of XLA compilations each pass triggered; `--window_step=64` coarsens the
+windows of images smaller than the crop (`inference.plan`). The model is the `tiny` preset
 with random weights (`--preset`), so the figures measure the protocol, not the network.
 """
 
@@ -33,6 +34,8 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 4, 'Global eval batch.')
 _PRESET = flags.DEFINE_string('preset', 'tiny', 'Model preset.')
 _SCALES = flags.DEFINE_list('scales', [str(s) for s in inference.MULTI_SCALE_SCALES],
                             'Test scales.')
+_WINDOW_STEP = flags.DEFINE_integer('window_step', None, 'Window step of small windows '
+                                    '(`inference.plan`); None: the size divisor (MMSeg).')
 
 # (height, width) of images as the eval input leaves them: Pascal Context's VOC images (at most
 # 500 px, original resolution) and ADE20K's resized to a short side of 512 (MMSeg's (2048, 512)).
@@ -78,6 +81,7 @@ def _config(name: str) -> ml_collections.ConfigDict:
   val.batch_size = _BATCH_SIZE.value
   val.update(dict(mode='sliding', crop_size=(512, 512), stride=(341, 341), flip=True,
                   scales=tuple(float(s) for s in _SCALES.value)))
+  val.window_step = _WINDOW_STEP.value
   config.evals = ml_collections.ConfigDict({'val': val})
   return config
 
