@@ -327,7 +327,8 @@ def test_two_process_training_equals_one_process(digit_scenes_dir, tmp_path, gcs
 
   # The final evaluation over both processes equals one process's evaluation of the same params.
   written = _load_json(f'{workdir}/results/val.json')
-  params = initialization.place_params(checkpoints.load_params(str(workdir), 4)[0], model, config, mesh)
+  params = initialization.place_params(checkpoints.load_params(str(workdir), 4)[0], model, config,
+                                       mesh)
   single, _ = _single_process_evaluation(config, model, params, mesh)
   assert written['final'] is True and written['step'] == 4
   _assert_results_equal(written, single, SEGMENTATION_RESULTS)
