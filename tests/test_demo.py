@@ -184,7 +184,8 @@ def test_finetuning_starts_from_its_pretrained_parameters(smoke, init):
 
 
 def test_rerun_skips_finished_runs(smoke):
-  checkpoint_dir = os.path.join(_finetune_dir(smoke, 'ddep', 1.0, 0), 'checkpoints')
+  checkpoint_dir = os.path.join(
+      _finetune_dir(smoke, 'ddep', config_module.SMOKE_LABEL_FRACTIONS[0], 0), 'checkpoints')
   mtimes = lambda: {d: os.path.getmtime(os.path.join(checkpoint_dir, d))
                     for d in os.listdir(checkpoint_dir)}
   before = mtimes()
