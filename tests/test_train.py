@@ -1,8 +1,8 @@
 """The train loop end to end on the embedded digit scenes, with the tiny model.
 
 Covers the three-stage chain (supervised encoder -> DDeP -> fine-tuning) with the weights that
-must be carried, resume after a hard kill, SIGTERM (preemption), non-finite losses, and
-re-evaluating a checkpoint from the command line.
+must be carried, SIGTERM (preemption), non-finite losses, and
+re-evaluating a checkpoint from the command line. Kills at any moment: test_train_resilience.py.
 """
 
 import glob
