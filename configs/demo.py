@@ -58,9 +58,7 @@ SMOKE_LABEL_FRACTIONS = (0.05,)
 SMOKE_NUM_SUBSETS = 2
 
 _DEFAULT_ROOT = 'workdirs/demo'  # The Makefile's DEMO_WORKDIR.
-# Paper §4.1: sigma = 0.22 (gamma = 1 / (1 + sigma^2) ~ 0.954) is its best noise level, and the
-# images here are in [-1, 1] as there, so the demo keeps it rather than tuning its own.
-NOISE_STD = 0.22
+NOISE_STD = 0.22  # Paper §4.1's best sigma, on [-1, 1] images as here: kept, not retuned.
 # Fine-tuning loss weights (`config.class_weights`): background 0.1, each digit 1.
 BACKGROUND_WEIGHTED = (0.1,) + (1.0,) * 10
 
@@ -74,8 +72,7 @@ def model_config():
   """The demo's TransUNet: the `tiny` R50+ViT preset with a wider decoder, GAP, no dropout.
 
   * Decoder widths (64, 32, 32, 16, 16) instead of the preset's (32, 16, 16, 8, 8): predicting
-    the noise at 1/1 and 1/2 needs more than 8 channels there (with 8 the denoising loss stays
-    at 1.0, the loss of predicting no noise, for hundreds of steps).
+    the noise at 1/1 and 1/2 needs more than 8 channels there (docs/demo.md).
   * `classifier='none'`: the supervised stage classifies the mean of the tokens (GAP), which
     trains faster from scratch than a class token.
   * No dropout: with it the compiled update step would depend on `config.seed` (the dropout key
@@ -118,8 +115,7 @@ def get_config(arg=None):
     # Mild crops: smaller ones cut the one digit off, and a short run learns faster without.
     config.input.inception_crop = (0.8, 1.0)
     config.input.batch_size = 8 if smoke else 32
-    # 32x32 scenes learn fast: 88 % top-1 after 1,200 steps of 32 at 2e-3 (64x64 scenes with
-    # 36-52 px digits: 65 % after 1,000; docs/demo.md).
+    # Long enough for a strong stand-in encoder on 32x32 scenes (measurements: docs/demo.md).
     config.total_steps = 3 if smoke else 1500
     config.lr = 2e-3
     config.schedule = (('.*', dict(decay_type='cosine', warmup_steps=1 if smoke else 20)),)
@@ -130,9 +126,7 @@ def get_config(arg=None):
     config.input.dataset = 'digit_scenes_unlabeled'
     config.input.inception_crop = (0.8, 1.0)
     config.input.batch_size = 8 if smoke else 32
-    # The paper trains its denoisers for 100 epochs (§5.1): ours must at least learn to denoise.
-    # At lr 1e-3 the decoder's loss stayed near 1.0 (predicting no noise) for 500 steps (0.949);
-    # at 3e-3 it reaches 0.73 after 1,000 standalone, 0.78 in the measured demo (docs/demo.md).
+    # Steps and lr at which the decoder behind the frozen encoder learns to denoise (docs/demo.md).
     config.total_steps = 3 if smoke else 1000
     config.lr = 3e-3
     config.denoising.noise_type = 'scaled'  # Eq. 5/6, predicting the noise (Table 1).
@@ -164,9 +158,7 @@ def get_config(arg=None):
     config.total_steps = 2 if smoke else 300
     config.lr = 1e-3
     config.schedule = (('.*', dict(decay_type='cosine', warmup_steps=0 if smoke else 20)),)
-    # Background is ~89 % of the pixels: at weight 1 every initialisation learns "background vs
-    # some digit" first and still predicted background only after 300-600 steps in our checks;
-    # at 0.1 digit identity is learnt within the budget (docs/demo.md).
+    # Background is ~89 % of the pixels; weighted 1, it hides digit identity (docs/demo.md).
     config.class_weights = BACKGROUND_WEIGHTED
     if arg.init != 'none':
       config.init_from.checkpoint = os.path.join(arg.root, 'pretrain', arg.init)

@@ -25,10 +25,8 @@ NOISE_STD = 0.22  # §4.1, Fig. 5: the best sigma for scaled noise.
 DEP_NOISE_STD = 0.8  # Table 2.
 DDEP_EPOCHS = 100.0  # §5.1.
 DEP_EPOCHS = 6000.0  # Table 2.
-# Fig. 5 (left) does not list its sigmas. Ours apply to [-1, 1] images: the paper's optimum 0.22
-# is 0.22 here if its images were in [-1, 1], 0.44 if in [0, 1] (half the range doubles the
-# relative noise); 0.11 is how our 0.22 reads on Fig. 4's [0, 1] display. The grid holds all
-# three, brackets 0.22 and 0.44, and reaches the sigma = 0.8 of Table 2.
+# Fig. 5 (left) gives no sigmas, nor the paper its image range: 0.22 on [-1, 1], its [0, 1]
+# readings 0.44 and 0.11 (configs/ddep_pretrain.py), and Table 2's 0.8.
 NOISE_STD_GRID = (0.11, 0.15, 0.22, 0.3, 0.44, 0.8)
 # Table 3: decoder pretraining on ImageNet-21k vs on images of (or close to) each target dataset.
 TABLE3_DATASETS = ('imagenet21k_fall11', 'voc2012_images', 'ade20k', 'cityscapes_fine_coarse')

@@ -58,6 +58,7 @@ from ddep_jax.data import datasets
 from ddep_jax.data.builders import digit_scenes
 from experiments import collect_results
 from experiments import hyper
+from experiments import results_table
 from experiments import sweep
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -370,8 +371,8 @@ def check_frozen_encoder(workdir: str) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class Outputs:
-  """What the demo wrote: the table (as a `collect_results.Table`) and the file paths."""
-  table: collect_results.Table
+  """What the demo wrote: the table (as a `results_table.Table`) and the file paths."""
+  table: results_table.Table
   markdown: str
   markdown_path: str
   csv_path: str
@@ -380,11 +381,11 @@ class Outputs:
 
 def write_outputs(workdir: str) -> Outputs:
   """Aggregates the fine-tuning runs into `results.md`, `results.csv`, `label_efficiency.png`."""
-  records = collect_results.load_records([os.path.join(workdir, 'finetune', '*')])
+  records = results_table.load_records([os.path.join(workdir, 'finetune', '*')])
   # One shared recipe: there are no hyper-parameters to choose per cell.
-  table = collect_results.aggregate(records, row_key='init', col_key='label_fraction',
-                                    seed_key='subset_seed', hparam_keys=(), metric='mIoU',
-                                    select_eval=EVAL_NAME, row_order=ROW_ORDER)
+  table = results_table.aggregate(records, row_key='init', col_key='label_fraction',
+                                  seed_key='subset_seed', hparam_keys=(), metric='mIoU',
+                                  select_eval=EVAL_NAME, row_order=ROW_ORDER)
   markdown = f'{collect_results.caption(table)}\n\n{collect_results.to_markdown(table)}\n'
   paths = {name: os.path.join(workdir, name)
            for name in ('results.md', 'results.csv', 'label_efficiency.png')}

@@ -44,6 +44,7 @@ from ddep_jax.data.builders import pascal_context as pascal_context_builder
 from ddep_jax.models import pretrained
 from experiments import collect_results
 from experiments import hyper
+from experiments import results_table
 from experiments import sweep as sweep_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -566,9 +567,9 @@ def test_three_stages_evaluate_and_collect_results_with_every_path_on_gcs(
   assert evaluated['val']['mIoU'] == written['mIoU']
 
   # The results table from the gs:// work directories, written to gs://.
-  records = collect_results.load_records([f'{gcs_root}/cityscapes/*'])
+  records = results_table.load_records([f'{gcs_root}/cityscapes/*'])
   assert [r.workdir for r in records] == [workdir]
-  table = collect_results.aggregate(records, 'task', 'label_count', hparam_keys=['lr'])
+  table = results_table.aggregate(records, 'task', 'label_count', hparam_keys=['lr'])
   markdown = collect_results.write_tables(table, f'{gcs_root}/tables/cityscapes')
   assert fileio.read_text(f'{gcs_root}/tables/cityscapes.md') == markdown
   assert f'| segment | {100 * results["mIoU"]:.2f} (1) |' in markdown

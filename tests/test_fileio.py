@@ -7,8 +7,8 @@ import io
 import json
 import os
 
-from experiments import collect_results
 from ddep_jax import fileio
+from experiments import results_table
 from experiments import sweep
 
 
@@ -57,8 +57,8 @@ def test_sweep_and_collector_on_remote_workdirs(tmp_path):
   assert sweep.status(workdir) == 'started'
   fileio.write_json(f'{workdir}/results/val.json', {'mIoU': 0.5, 'final': True})
   assert sweep.status(workdir) == 'finished'
-  (record,) = collect_results.load_records([f'{root}/*'])
-  assert record == collect_results.Record(
+  (record,) = results_table.load_records([f'{root}/*'])
+  assert record == results_table.Record(
       workdir=workdir, tags={'init': 'ddep', 'lr': 1e-4, 'subset_seed': 0}, config={},
       results={'val': {'mIoU': 0.5, 'final': True}})
   assert json.loads(json.dumps(runs[0].run_json())) == fileio.read_json(f'{workdir}/run.json')

@@ -306,12 +306,11 @@ class DatasetInfo:
 
   def train_size(self, input_config) -> int:
     """Examples per epoch of a train input config: its split, or its labelled subset."""
-    split_file = input_config.get('split_file')
-    if split_file:
-      return len(subsets.read_split_file(split_file))
-    return subsets.subset_size(self.split_size(input_config.get('split') or 'train'),
-                               label_fraction=input_config.get('label_fraction'),
-                               label_count=input_config.get('label_count'))
+    if input_config.split_file:
+      return len(subsets.read_split_file(input_config.split_file))
+    return subsets.subset_size(self.split_size(input_config.split),
+                               label_fraction=input_config.label_fraction,
+                               label_count=input_config.label_count)
 
 
 def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ddep_jax.data import datasets
+from ddep_jax.data import input_pipeline
 from ddep_jax.data.builders import ade20k
 from ddep_jax.data.builders import digit_scenes
 from ddep_jax.data.builders import pascal_context
@@ -77,13 +78,19 @@ def test_missing_project_dataset_says_what_to_run(tmp_path):
     assert part in message, part
 
 
+def _input_config(**fields):
+  config = input_pipeline.default_config()
+  config.update(fields)
+  return config
+
+
 def test_dataset_info_of_a_prepared_dataset(scenes):
   info = datasets.dataset_info('test_cityscapes', scenes.data_dir)
   assert info.num_classes == 19 and info.class_names[0] == 'road'
   assert info.splits == {'train': 20, 'validation': 6}
   assert info.split_size('train[:50%]') == 10
-  assert info.train_size({'split': 'train', 'label_fraction': 0.25}) == 5
-  assert info.train_size({'split': 'train', 'label_count': 7}) == 7
+  assert info.train_size(_input_config(split='train', label_fraction=0.25)) == 5
+  assert info.train_size(_input_config(split='train', label_count=7)) == 7
   classification = datasets.dataset_info('tfds:pipeline_test_scenes/classification',
                                          scenes.data_dir)
   assert (classification.kind, classification.num_classes) == ('classification', 3)

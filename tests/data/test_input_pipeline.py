@@ -3,12 +3,14 @@
 import dataclasses
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from ddep_jax.data import datasets
 from ddep_jax.data import input_pipeline
+from ddep_jax.data import reading
 from ddep_jax.data import subsets
 
 CITYSCAPES_TRAIN_TO_RAW = {v: k for k, v in datasets.CITYSCAPES_LABEL_ID_TO_TRAIN_ID.items()}
@@ -55,6 +57,34 @@ def test_default_configs_have_the_owned_fields():
   eval_config = input_pipeline.default_eval_config()
   for field in ('dataset', 'split', 'batch_size', 'resize', 'pad_to'):
     assert field in eval_config, field
+
+
+def test_a_misspelt_or_missing_input_field_fails_loudly(tmp_path):
+  # The locked default: a misspelt field cannot even be set.
+  with pytest.raises(AttributeError, match='shuffel_buffer'):
+    input_pipeline.default_config().shuffel_buffer = 8
+  # A config built another way (e.g. from JSON) is checked before any data is read.
+  unlocked = ml_collections.ConfigDict(input_pipeline.default_config().to_dict())
+  unlocked.data_dir = str(tmp_path)
+  misspelt = unlocked.copy_and_resolve_references()
+  misspelt.shuffel_buffer = 8
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['shuffel_buffer'\]; misspelt"):
+    input_pipeline.get_train_dataset(misspelt, 'segment', seed=0, process_index=0,
+                                     process_count=1)
+  missing = unlocked.copy_and_resolve_references()
+  del missing['shuffle_buffer']
+  for read in (lambda: input_pipeline.get_train_dataset(missing, 'segment', seed=0,
+                                                        process_index=0, process_count=1),
+               lambda: input_pipeline.train_crop_size(missing, 'segment')):
+    with pytest.raises(ValueError, match=r"config.input\) has no field\(s\) \['shuffle_buffer'\]"
+                       r'\. Build it from ddep_jax.data.input_pipeline.default_config\(\)'):
+      read()
+  eval_config = input_pipeline.default_eval_config()
+  eval_config.data_dir = str(tmp_path)
+  del eval_config['pad_multiple']
+  with pytest.raises(ValueError, match=r"has no field\(s\) \['pad_multiple'\]\. Build it from "
+                     r'ddep_jax.data.input_pipeline.default_eval_config\(\)'):
+    input_pipeline.get_eval_dataset(eval_config, 'segment', process_index=0, process_count=1)
 
 
 def test_segment_train_batches_align_labels_and_count_unexpected_values(scenes):
@@ -131,9 +161,9 @@ def test_resume_at_start_step_equals_uninterrupted_run(scenes, task):
 
 
 def _stream_ids(scenes, process_index, process_count, subset=None, dataset='test_cityscapes'):
-  """Ids of one process's examples in read order (the private stream the train input uses)."""
-  source = input_pipeline._open(dataset, 'train', 'segment', scenes.data_dir)
-  stream = input_pipeline._process_stream(source, subset, process_index, process_count)
+  """Ids of one process's examples in read order (the per-process stream both inputs read)."""
+  source = reading.open_source(dataset, 'train', 'segment', scenes.data_dir)
+  stream = reading.process_stream(source, subset, process_index, process_count)
   ids = [ex['key'].decode() for ex in stream.dataset.as_numpy_iterator()]
   assert len(ids) == stream.num_examples
   return ids

@@ -1,4 +1,4 @@
-"""Tests of experiments.collect_results against a table computed by hand."""
+"""Tests of experiments.collect_results and results_table against a table computed by hand."""
 
 import csv
 import io
@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from experiments import collect_results as cr
+from experiments import results_table
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -86,8 +87,8 @@ def roots(tmp_path):
 
 
 def table_of(roots, **kwargs):
-  records = cr.load_records([os.path.join(r, '*') for r in roots])
-  return cr.aggregate(records, 'init', 'label_fraction', **kwargs)
+  records = results_table.load_records([os.path.join(r, '*') for r in roots])
+  return results_table.aggregate(records, 'init', 'label_fraction', **kwargs)
 
 
 def test_reproduces_the_hand_made_table(roots):
@@ -155,7 +156,8 @@ def test_plot_is_a_png(roots, tmp_path):
 
 
 def test_plot_needs_numeric_columns(roots, tmp_path):
-  table = cr.aggregate(cr.load_records([os.path.join(roots[0], '*')]), 'label_fraction', 'init')
+  table = results_table.aggregate(results_table.load_records([os.path.join(roots[0], '*')]),
+                                  'label_fraction', 'init')
   with pytest.raises(ValueError, match="Column key 'init' has non-numeric values"):
     cr.plot_label_efficiency(table, str(tmp_path / 'x.png'))
 
@@ -189,8 +191,8 @@ def test_missing_keys_and_repeated_seeds_are_errors(roots):
   with pytest.raises(ValueError, match=(
       r"17 runs lack a key:\n  .*ddep-0.1-0.0003-0 has no tag or config key 'decoder_width' "
       r"\(tags: \['init', 'label_fraction', 'lr', 'subset_seed', 'wd'\]; no config.json\)")):
-    cr.aggregate(cr.load_records([os.path.join(r, '*') for r in roots]),
-                 ('init', 'decoder_width'), 'label_fraction')
+    results_table.aggregate(results_table.load_records([os.path.join(r, '*') for r in roots]),
+                            ('init', 'decoder_width'), 'label_fraction')
   # Ignoring lr puts two runs with the same seed into one group.
   with pytest.raises(ValueError, match=(
       r"5 runs repeat a subset_seed within one cell and hyper-parameter setting:\n  "
@@ -199,8 +201,9 @@ def test_missing_keys_and_repeated_seeds_are_errors(roots):
 
 
 def test_config_json_lookup():
-  record = cr.Record('/w', config={'input.label_fraction': 0.1, 'evals.val.data_dir': 'a',
-                                   'input.data_dir': 'b', 'lr': 1e-4})
+  record = results_table.Record('/w', config={'input.label_fraction': 0.1,
+                                              'evals.val.data_dir': 'a', 'input.data_dir': 'b',
+                                              'lr': 1e-4})
   assert record.lookup('label_fraction') == 0.1
   assert record.lookup('config.lr') == 1e-4
   assert record.lookup('input.data_dir') == 'b'
