@@ -135,7 +135,7 @@ def add_noise(images: jax.Array, noise: jax.Array, gamma: jax.Array,
 
 def remove_noise(noisy: jax.Array, noise: jax.Array, gamma: jax.Array,
                  noise_type: str = 'scaled') -> jax.Array:
-  """The inverse of `add_noise`: the image that `noise` at levels `gamma` [B] turned into `noisy`."""
+  """The inverse of `add_noise`: the image that `noise` at levels `gamma` [B] made `noisy`."""
   gamma = jnp.reshape(gamma, gamma.shape + (1,) * (noisy.ndim - gamma.ndim))
   if noise_type == 'scaled':
     return (noisy - jnp.sqrt(1.0 - gamma) * noise) / jnp.sqrt(gamma)  # Eq. 5 solved for x.

@@ -32,8 +32,9 @@ def to_released_names(params: Mapping[str, Any], *, groupnorm_4d: bool = False
                       ) -> dict[str, np.ndarray]:
   """Flat `{released npz key: array}` for this package's `encoder` / `head` parameters.
 
-  The inverse of `pretrained.convert_vit_params`: pre-Linen names in the transformer layers, `pre_logits`
-  and `head` at the top level, GroupNorm params as `(1, 1, 1, C)` when `groupnorm_4d`.
+  The inverse of `pretrained.convert_vit_params`: pre-Linen names in the transformer layers,
+  `pre_logits` and `head` at the top level, GroupNorm params as `(1, 1, 1, C)` when
+  `groupnorm_4d`.
   """
   out = {}
   for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/').items():
