@@ -44,10 +44,10 @@ Paths in the argument may not contain ',', '+' or '='.
 import os
 
 from configs import common
+from configs import paper
 from ddep_jax import models
 
 STAGES = ('supervised', 'ddep', 'dep', 'finetune')
-INITS = ('none', 'supervised', 'dep', 'ddep')
 PRETRAIN_STAGES = ('supervised', 'ddep', 'dep')  # In the order they must run.
 # The demo's label-efficiency protocol: fractions of the 1,000 train scenes (10, 50, 1,000
 # images) x subsets; Table 2 / Fig. 6 of the paper in miniature.
@@ -88,8 +88,8 @@ def get_config(arg=None):
   arg = _parse(arg)
   if arg.stage not in STAGES:
     raise ValueError(f'stage={arg.stage!r}: expected one of {STAGES}.')
-  if arg.init not in INITS:
-    raise ValueError(f'init={arg.init!r}: expected one of {INITS}.')
+  if arg.init not in paper.INITS:
+    raise ValueError(f'init={arg.init!r}: expected one of {paper.INITS}.')
   data_dir = arg.data_dir or os.path.join(arg.root, 'tfds')
   smoke = arg.runlocal
 
@@ -182,7 +182,7 @@ def get_sweep(hyper, arg=None):
   fractions = SMOKE_LABEL_FRACTIONS if arg.runlocal else LABEL_FRACTIONS
   num_subsets = SMOKE_NUM_SUBSETS if arg.runlocal else NUM_SUBSETS
   return hyper.product([
-      hyper.sweep('arg.init', INITS),
+      hyper.sweep('arg.init', paper.INITS),
       hyper.sweep('arg.label_fraction', fractions),
       hyper.sweep('arg.subset_seed', range(num_subsets)),
   ])

@@ -18,20 +18,18 @@ loop). On resume a damaged step is moved aside to `<step>.corrupt` (never delete
 intact one is restored; a save that fails stops the run with `CheckpointWriteError`.
 
 Stage chaining (`init_from`): a new run takes chosen parameters (by path regex, e.g. encoder and
-decoder of a DDeP run) from another run's checkpoint, read as host numpy arrays whatever mesh
-wrote them, and merged into its freshly initialised parameters with errors that name every
-offending path.
+decoder of a DDeP run) from another run's checkpoint, read here (`load_params`) as host numpy
+arrays whatever mesh wrote them, and merged into its freshly initialised parameters by
+`parameters.merge_params`, with errors that name every offending path.
 """
 
 import json
 import os
-import re
 import signal
 import threading
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 from absl import logging
-import flax
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -345,49 +343,3 @@ def _to_plain_dict(tree):
   if isinstance(tree, Mapping):
     return {k: _to_plain_dict(v) for k, v in tree.items()}
   return tree
-
-
-def _flatten(tree: Mapping) -> dict[str, Any]:
-  return {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(dict(tree)).items()}
-
-
-def merge_params(init_params: Mapping, loaded_params: Mapping, patterns: Sequence[str], *,
-                 source: str = 'checkpoint') -> dict:
-  """Returns `init_params` with every path matching `patterns` taken from `loaded_params`.
-
-  Paths that match are required in both trees with equal shapes; everything else keeps its fresh
-  initialisation (e.g. a new segmentation head). All problems are reported at once.
-  """
-  regexes = [re.compile(p) for p in patterns]
-  init_flat = _flatten(init_params)
-  loaded_flat = _flatten(loaded_params)
-  wanted = [k for k in init_flat if any(r.fullmatch(k) for r in regexes)]
-  offered = [k for k in loaded_flat if any(r.fullmatch(k) for r in regexes)]
-  errors = []
-  missing = [k for k in wanted if k not in loaded_flat]
-  if missing:
-    errors.append(f'in model but not in {source}: ' + ', '.join(missing))
-  unexpected = [k for k in offered if k not in init_flat]
-  if unexpected:
-    errors.append(f'in {source} but not in model: ' + ', '.join(unexpected))
-  for k in wanted:
-    if k in loaded_flat and tuple(np.shape(loaded_flat[k])) != tuple(np.shape(init_flat[k])):
-      errors.append(f'shape mismatch at {k}: {source} {tuple(np.shape(loaded_flat[k]))} vs '
-                    f'model {tuple(np.shape(init_flat[k]))}')
-  if not wanted:
-    errors.append(f'the patterns {list(patterns)} match no model parameter')
-  if errors:
-    raise ValueError(f'Cannot initialise from {source}:\n  ' + '\n  '.join(errors) +
-                     '\nCheck init_from.params (path regexes) and that both runs use the same '
-                     'model config (encoder / decoder sizes).')
-  merged = dict(init_flat)
-  for k in wanted:
-    # Loaded leaves are host numpy arrays in the model's dtype; the caller places them on the
-    # mesh (fresh leaves stay as they are, possibly sharded device arrays).
-    merged[k] = np.asarray(loaded_flat[k]).astype(init_flat[k].dtype)
-  return flax.traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in merged.items()})
-
-
-def matching_paths(params: Mapping, patterns: Iterable[str]) -> list[str]:
-  regexes = [re.compile(p) for p in patterns]
-  return [k for k in _flatten(params) if any(r.fullmatch(k) for r in regexes)]

@@ -29,7 +29,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 import numpy as np
-import tensorflow as tf
 
 from ddep_jax import checkpoints
 from ddep_jax import fileio
@@ -38,6 +37,7 @@ from ddep_jax import initialization
 from ddep_jax import metrics
 from ddep_jax import objectives
 from ddep_jax import sharding
+from ddep_jax.data import datasets
 from ddep_jax.data import input_pipeline
 
 # A fixed key for the evaluation noise, so denoising evaluations of different checkpoints see
@@ -50,7 +50,7 @@ def _replicated(mesh):
   return NamedSharding(mesh, PartitionSpec())
 
 
-def _palette(num_classes: int) -> np.ndarray:
+def _palette() -> np.ndarray:
   """Fixed colours per class for segmentation summaries; ignore (255) is black."""
   colours = np.random.default_rng(0).integers(40, 256, size=(256, 3)).astype(np.uint8)
   colours[255] = 0
@@ -59,20 +59,6 @@ def _palette(num_classes: int) -> np.ndarray:
 
 def _to_unit_range(images) -> np.ndarray:
   return np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
-
-
-def implied_clean_image(noisy, prediction, gamma, denoising: Mapping):
-  """The clean image the model's prediction implies (for PSNR and reconstructions).
-
-  Predicting the noise: invert Eq. 5 (scaled) or Eq. 1 (simple) with the predicted noise;
-  predicting the image (Eq. 2): the prediction itself.
-  """
-  if denoising['predict_target'] == 'image':
-    return prediction
-  gamma = jnp.reshape(gamma, gamma.shape + (1,) * (noisy.ndim - gamma.ndim))
-  if denoising['noise_type'] == 'scaled':
-    return (noisy - jnp.sqrt(1.0 - gamma) * prediction) / jnp.sqrt(gamma)
-  return noisy - objectives.noise_std_from_gamma(gamma) * prediction
 
 
 class Evaluator:
@@ -142,10 +128,11 @@ class Evaluator:
           batch['id_hash'])
       noisy, target, gamma = objectives.denoising_inputs(images, keys, self.config.denoising)
       out, _ = self.model.apply({'params': params}, noisy, train=False, noise_level=gamma)
-      per_example_loss = jnp.mean(jnp.square(out - target), axis=(1, 2, 3))
-      reconstruction = implied_clean_image(noisy, out, gamma, self.config.denoising)
-      identity = implied_clean_image(noisy, jnp.zeros_like(out), gamma,
-                                     dict(self.config.denoising, predict_target='noise'))
+      per_example_loss = objectives.per_example_squared_l2(out, target)  # Eq. 6, per example.
+      reconstruction = objectives.implied_clean_image(noisy, out, gamma, self.config.denoising)
+      # What the noisy input alone implies (predicting no noise): the PSNR to beat.
+      identity = objectives.remove_noise(noisy, jnp.zeros_like(out), gamma,
+                                         self.config.denoising['noise_type'])
       weights = valid.astype(jnp.float32)
       return {
           'loss_sum': jnp.sum(per_example_loss * weights),
@@ -159,8 +146,8 @@ class Evaluator:
     if self.task == 'classify':
       logits = self._predict(params, batch['image'])
       weights = valid.astype(jnp.float32)
-      losses = jax.vmap(lambda l, y: objectives.classification_loss(
-          l[None], y[None], self.config.classification_loss))(logits, batch['label'])
+      losses = objectives.classification_losses(logits, batch['label'],
+                                                self.config.classification_loss)
       return {'correct_sum': jnp.sum(metrics.top1_correct(logits, batch['label']) * weights),
               'loss_sum': jnp.sum(losses * weights), 'count': jnp.sum(weights)}
     raise ValueError(f'Unknown task {self.task!r}.')
@@ -222,7 +209,7 @@ class Evaluator:
 
   def _summary_images(self, local_batch, stats) -> dict:
     if self.task == 'segment':
-      palette = _palette(self.config.num_classes)
+      palette = _palette()
       n = min(_NUM_SUMMARY_IMAGES, stats['predictions'].shape[0])
       labels = np.asarray(local_batch['label'][:n]).astype(np.int64)
       return {'input': _to_unit_range(local_batch['image'][:n]),
@@ -348,9 +335,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str | None = None) -> 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
-  from tensorflow_datasets.core.utils import gcs_utils  # pylint: disable=g-import-not-at-top
-  gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
-  tf.config.set_visible_devices([], 'GPU')
+  datasets.confine_tensorflow()
   evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.checkpoint)
 
 

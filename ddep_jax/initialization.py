@@ -18,13 +18,13 @@ a checkpoint's parameters on a mesh.
 
 from typing import Any, Mapping, NamedTuple
 
-from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
 from ddep_jax import checkpoints
 from ddep_jax import models
+from ddep_jax import parameters
 from ddep_jax import sharding
 from ddep_jax import train_step as train_step_lib
 from ddep_jax.data import input_pipeline
@@ -55,7 +55,7 @@ def place_params(loaded: Mapping, model, config, mesh):
   """
   abstract = train_step_lib.abstract_params(config, model, image_shape(config))
   shardings = sharding.param_shardings(abstract, mesh, config)
-  return put(checkpoints.merge_params(abstract, loaded, ('.*',)), shardings)
+  return put(parameters.merge_params(abstract, loaded), shardings)
 
 
 def host_copy(tree):
@@ -81,10 +81,15 @@ def initial_params(config, state) -> tuple[Any, str]:
   if init_from.get('checkpoint'):
     step = init_from.get('step', -1)
     loaded, step = checkpoints.load_params(init_from.checkpoint, step if step >= 0 else None)
-    loaded = resample_position_embedding(loaded, params, config)
-    merged = checkpoints.merge_params(params, loaded, tuple(init_from.params),
-                                      source=f'checkpoint {init_from.checkpoint}')
-    carried = checkpoints.matching_paths(params, tuple(init_from.params))
+    if config.model.name == 'transunet':
+      # Stages run at different resolutions (DDeP at 224, fine-tuning on 512 or 1024 crops).
+      loaded = pretrained.resample_position_embedding(
+          loaded, params, pretrained.token_grid(config.model, image_shape(config)[1:3]))
+    merged = parameters.merge_params(
+        params, loaded, tuple(init_from.params),
+        hint=f'Loading {init_from.checkpoint}: check init_from.params (path regexes) and that '
+        'both runs use the same model config (encoder / decoder sizes).')
+    carried = parameters.matching_paths(params, tuple(init_from.params))
     return put(merged, shardings), (f'{len(carried)} parameters from {init_from.checkpoint} '
                                     f'(step {step}) matching {list(init_from.params)}')
   if init_from.get('npz'):
@@ -93,40 +98,6 @@ def initial_params(config, state) -> tuple[Any, str]:
                                         image_size=image_shape(config)[1:3])
     return put(merged, shardings), f'encoder from {init_from.npz}'
   return params, 'random initialisation'
-
-
-_POSEMB_PATH = ('encoder', 'Transformer', 'posembed_input', 'pos_embedding')
-
-
-def resample_position_embedding(loaded: Mapping, params: Mapping, config) -> Mapping:
-  """Resamples a carried ViT position embedding to this run's token grid.
-
-  Stages run at different resolutions (DDeP at 224x224, fine-tuning on 512 or 1024 crops), so the
-  embedding of the earlier stage is interpolated as vision_transformer does when fine-tuning at a
-  new resolution (its grid is assumed square, as at 224x224).
-  """
-  source, target = loaded, params
-  for key in _POSEMB_PATH:
-    if key not in source or key not in target:
-      return loaded
-    source, target = source[key], target[key]
-  if tuple(source.shape) == tuple(target.shape):
-    return loaded
-  height, width = image_shape(config)[1:3]
-  stride = models.model.build_encoder(config.model).output_stride
-  has_class_token = config.model.encoder.classifier == 'token'
-  resampled = pretrained.resample_posemb(source, (height // stride, width // stride),
-                                         has_class_token=has_class_token,
-                                         keep_class_token=has_class_token)
-  logging.info('Resampled %s from %s to %s.', '/'.join(_POSEMB_PATH), source.shape,
-               resampled.shape)
-  out = dict(loaded)  # Copy only the dicts on the path; the arrays are shared.
-  node = out
-  for key in _POSEMB_PATH[:-1]:
-    node[key] = dict(node[key])
-    node = node[key]
-  node[_POSEMB_PATH[-1]] = resampled
-  return out
 
 
 class InitialState(NamedTuple):

@@ -11,7 +11,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-import tensorflow as tf
+
+from ddep_jax.data import datasets
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (with :arg).',
                                           lock_config=True)
@@ -22,11 +23,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
-  # Keep TensorFlow (the input pipeline) off the accelerators, which belong to JAX, and away from
-  # GCS metadata look-ups (no network is assumed).
-  tf.config.set_visible_devices([], 'GPU')
-  from tensorflow_datasets.core.utils import gcs_utils  # pylint: disable=g-import-not-at-top
-  gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
+  datasets.confine_tensorflow()
   from ddep_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('Config:\n%s', _CONFIG.value)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

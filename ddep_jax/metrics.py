@@ -4,7 +4,7 @@ Segmentation metrics follow MMSegmentation's definitions, so numbers are compara
   IoU_c = TP_c / (TP_c + FP_c + FN_c), Acc_c = TP_c / (TP_c + FN_c), aAcc = sum TP / #pixels,
 computed from one confusion matrix accumulated over every batch and every host. Classes absent
 from both ground truth and predictions have an undefined IoU (NaN) and are left out of the mean,
-as in MMSegmentation; pixels labelled `IGNORE_LABEL` never count.
+as in MMSegmentation; pixels labelled `constants.IGNORE_LABEL` never count.
 
 The per-batch functions are pure jnp and run inside the jitted eval step on global arrays, so the
 sum over a batch sharded across devices and hosts is done by XLA; the host only adds up the
@@ -17,16 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_LABEL = 255
-
-
 def confusion_matrix(labels: jax.Array, predictions: jax.Array, num_classes: int,
                      valid: jax.Array | None = None) -> jax.Array:
   """Confusion matrix [num_classes (ground truth), num_classes (predicted)] of one batch.
 
   Args:
-    labels: int [B, H, W] train ids; `IGNORE_LABEL` (and anything outside [0, num_classes)) is
-      skipped.
+    labels: int [B, H, W] train ids; `constants.IGNORE_LABEL` (and anything outside
+      [0, num_classes)) is skipped.
     predictions: int [B, H, W] predicted class ids.
     num_classes: K.
     valid: optional bool [B] marking real examples (False for eval padding examples).

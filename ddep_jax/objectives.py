@@ -11,6 +11,9 @@ noise `eps ~ N(0, I)` and trains the model to predict `eps` (or `x`) with a squa
 The noise level is configured by exactly one of `noise_std` (sigma), `gamma`, or `gamma_range`
 (a, b) for gamma ~ U(a, b) drawn per example (Table 4). Internally every example carries its
 `gamma`; for simple noise sigma = sqrt((1 - gamma) / gamma), the inverse of Eq. 5's relation.
+The train step and the evaluator share all of it: `denoising_inputs` (noise, Eq. 1/5, targets),
+`remove_noise` / `implied_clean_image` (Eq. 1/5 solved for x) and the losses, per batch and
+per example.
 
 Fine-tuning uses pixel-wise softmax cross-entropy that ignores label 255, optionally with
 per-class weights (`class_weights`, MMSegmentation's `class_weight`); supervised encoder
@@ -28,9 +31,8 @@ import ml_collections
 from ml_collections import config_dict
 import optax
 
-# Same value as `ddep_jax.data.datasets.IGNORE_LABEL` (not imported here: objectives stay free of
-# TensorFlow); the data pipeline maps every unlabelled / void pixel to it.
-IGNORE_LABEL = 255
+from ddep_jax import constants
+
 NOISE_TYPES = ('scaled', 'simple')
 PREDICT_TARGETS = ('noise', 'image')
 CLASSIFICATION_LOSSES = ('softmax', 'sigmoid')
@@ -131,6 +133,17 @@ def add_noise(images: jax.Array, noise: jax.Array, gamma: jax.Array,
   raise ValueError(f'noise_type={noise_type!r}: expected one of {NOISE_TYPES}.')
 
 
+def remove_noise(noisy: jax.Array, noise: jax.Array, gamma: jax.Array,
+                 noise_type: str = 'scaled') -> jax.Array:
+  """The inverse of `add_noise`: the image that `noise` at levels `gamma` [B] made `noisy`."""
+  gamma = jnp.reshape(gamma, gamma.shape + (1,) * (noisy.ndim - gamma.ndim))
+  if noise_type == 'scaled':
+    return (noisy - jnp.sqrt(1.0 - gamma) * noise) / jnp.sqrt(gamma)  # Eq. 5 solved for x.
+  if noise_type == 'simple':
+    return noisy - noise_std_from_gamma(gamma) * noise  # Eq. 1 solved for x.
+  raise ValueError(f'noise_type={noise_type!r}: expected one of {NOISE_TYPES}.')
+
+
 def denoising_target(images: jax.Array, noise: jax.Array, predict_target: str) -> jax.Array:
   """What the model regresses: the noise (Eq. 3/4/6) or the clean image (Eq. 2)."""
   if predict_target == 'noise':
@@ -166,6 +179,18 @@ def denoising_inputs(images: jax.Array, example_keys: jax.Array, denoising: Mapp
   return noisy, denoising_target(images, noise, denoising['predict_target']), gamma
 
 
+def implied_clean_image(noisy: jax.Array, prediction: jax.Array, gamma: jax.Array,
+                        denoising: Mapping) -> jax.Array:
+  """The clean image the model's prediction implies (for PSNR and reconstructions).
+
+  Predicting the noise: `remove_noise` with the predicted noise (Eq. 5 or Eq. 1 inverted);
+  predicting the image (Eq. 2): the prediction itself.
+  """
+  if denoising['predict_target'] == 'image':
+    return prediction
+  return remove_noise(noisy, prediction, gamma, denoising['noise_type'])
+
+
 def squared_l2_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
   """Mean squared error: Eq. 2–6's ||g(f(x_noisy)) - target||^2 divided by the element count.
 
@@ -177,8 +202,17 @@ def squared_l2_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)))
 
 
+def per_example_squared_l2(prediction: jax.Array, target: jax.Array) -> jax.Array:
+  """[B] mean squared errors, one per example (the evaluator's sums; `squared_l2_loss` is the
+  mean over the whole batch)."""
+  if prediction.shape != target.shape:
+    raise ValueError(f'prediction shape {prediction.shape} != target shape {target.shape}.')
+  return jnp.mean(jnp.square(prediction.astype(jnp.float32) - target.astype(jnp.float32)),
+                  axis=tuple(range(1, prediction.ndim)))
+
+
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
-                        ignore_label: int = IGNORE_LABEL,
+                        ignore_label: int = constants.IGNORE_LABEL,
                         class_weights: Optional[Sequence[float]] = None):
   """Softmax cross-entropy averaged over the pixels whose label is not `ignore_label`.
 
@@ -219,7 +253,13 @@ def pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
 
 def classification_loss(logits: jax.Array, labels: jax.Array,
                         loss_type: str = 'softmax') -> jax.Array:
-  """Image classification loss, mean over the batch.
+  """Image classification loss, mean over the batch of `classification_losses`."""
+  return jnp.mean(classification_losses(logits, labels, loss_type))
+
+
+def classification_losses(logits: jax.Array, labels: jax.Array,
+                          loss_type: str = 'softmax') -> jax.Array:
+  """[B] image classification losses, one per example.
 
   Args:
     logits: float [B, K].
@@ -239,7 +279,5 @@ def classification_loss(logits: jax.Array, labels: jax.Array,
     raise ValueError(f'labels of shape {labels.shape} do not fit logits {logits.shape}: expected '
                      'class ids [B] or (multi-)hot targets [B, K].')
   if loss_type == 'softmax':
-    per_example = optax.softmax_cross_entropy(logits, targets)
-  else:
-    per_example = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, targets), axis=-1)
-  return jnp.mean(per_example)
+    return optax.softmax_cross_entropy(logits, targets)
+  return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, targets), axis=-1)

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from ddep_jax import checkpoints
+from ddep_jax import constants
 from ddep_jax import evaluate
 from ddep_jax import fileio
 from ddep_jax import initialization
@@ -33,8 +34,6 @@ from ddep_jax import train_step as train_step_lib
 from ddep_jax import workdir_lock
 from ddep_jax.data import input_pipeline
 
-TASKS = ('classify', 'denoise', 'segment')
-
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN / inf loss; the last good checkpoint is left untouched."""
@@ -42,8 +41,8 @@ class NonFiniteLossError(RuntimeError):
 
 def check_config(config) -> None:
   """Fails early, with what to change, on configs that cannot run."""
-  if config.task not in TASKS:
-    raise ValueError(f'config.task={config.task!r}: expected one of {TASKS}.')
+  if config.task not in constants.TASKS:
+    raise ValueError(f'config.task={config.task!r}: expected one of {constants.TASKS}.')
   if config.task in ('segment', 'classify') and not config.get('num_classes'):
     raise ValueError(f'config.num_classes must be set for task={config.task!r}.')
   if config.task in ('segment', 'classify'):

@@ -35,14 +35,14 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
+from ddep_jax import constants
 from ddep_jax import objectives
 from ddep_jax import optimizer as optimizer_lib
+from ddep_jax import parameters
 from ddep_jax import sharding as sharding_lib
 
-TASKS = ('classify', 'denoise', 'segment')
 BATCH_KEYS = {'denoise': ('image',), 'segment': ('image', 'label'), 'classify': ('image', 'label')}
 
 
@@ -53,8 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 def _check_task(config) -> str:
   task = config.get('task')
-  if task not in TASKS:
-    raise ValueError(f'config.task={task!r}: expected one of {TASKS}.')
+  if task not in constants.TASKS:
+    raise ValueError(f'config.task={task!r}: expected one of {constants.TASKS}.')
   return task
 
 
@@ -124,23 +124,10 @@ def create_train_state(config: ml_collections.ConfigDict, model, opt: optimizer_
   if params is None:
     # jit with out_shardings: full-size parameters are born sharded, never gathered on one device.
     return jax.jit(init, out_shardings=shardings)(rng), shardings
-  _check_same_shapes(params, abstract['params'])
+  parameters.check_fits(abstract['params'], params, source='params')
   from_params = lambda p: {'step': jnp.zeros((), jnp.int32), 'params': p,
                            'opt_state': opt.tx.init(p)}
   return jax.jit(from_params, out_shardings=shardings)(params), shardings
-
-
-def _check_same_shapes(params, expected):
-  """Raises ValueError naming every path whose presence or shape differs from the model's."""
-  names = lambda tree: {optimizer_lib.path_name(p): tuple(np.shape(x))
-                        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  given, wanted = names(params), names(expected)
-  problems = ([f'{k}: not in the model' for k in sorted(set(given) - set(wanted))] +
-              [f'{k}: missing' for k in sorted(set(wanted) - set(given))] +
-              [f'{k}: shape {given[k]}, model expects {wanted[k]}'
-               for k in sorted(set(given) & set(wanted)) if given[k] != wanted[k]])
-  if problems:
-    raise ValueError('The given params do not fit the model:\n  ' + '\n  '.join(problems[:20]))
 
 
 # ------------------------------------------------------------------------------------------------

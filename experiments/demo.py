@@ -447,9 +447,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  # TensorFlow only feeds data: keep it off accelerators and away from GCS (no network).
-  tf.config.set_visible_devices([], 'GPU')
-  datasets.disable_tfds_gcs()
+  datasets.confine_tensorflow()
   tfds.disable_progress_bar()
   tf.get_logger().setLevel('ERROR')  # TensorFlow's Python warnings (deprecations) bypass absl.
   configure_logging()

@@ -42,6 +42,7 @@ from ddep_jax import checkpoints
 from ddep_jax import metrics
 from ddep_jax import models
 from ddep_jax import objectives
+from ddep_jax import parameters
 from ddep_jax.data.builders import digit_scenes
 from experiments import sweep
 
@@ -93,8 +94,8 @@ def initial_params(model, config, images: np.ndarray, seed: int) -> dict[str, An
   if not config.init_from.checkpoint:
     return params
   loaded, _ = checkpoints.load_params(config.init_from.checkpoint)
-  return checkpoints.merge_params(params, loaded, tuple(config.init_from.params),
-                                  source=f'checkpoint {config.init_from.checkpoint}')
+  return parameters.merge_params(params, loaded, tuple(config.init_from.params),
+                                 hint=f'Loading {config.init_from.checkpoint}.')
 
 
 def batched(fn, images: np.ndarray) -> np.ndarray:

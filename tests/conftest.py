@@ -24,13 +24,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keep TensorFlow off any accelerator and from grabbing all host threads.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-import tensorflow as tf  # noqa: E402
+from ddep_jax.data import datasets  # noqa: E402
 
-tf.config.set_visible_devices([], "GPU")
-
-from tensorflow_datasets.core.utils import gcs_utils  # noqa: E402
-
-gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
+datasets.confine_tensorflow()
 
 
 import pytest  # noqa: E402

@@ -34,6 +34,7 @@ from ddep_jax import evaluate
 from ddep_jax import fileio
 from ddep_jax import inference
 from ddep_jax import models
+from ddep_jax import testing
 from ddep_jax import train
 from ddep_jax.data import datasets
 from ddep_jax.data import input_pipeline
@@ -452,7 +453,7 @@ def data(tmp_path_factory):
       name=IMAGENET, tfds_name='ddep_imagenet21k/fall11_tiny', kind=datasets.CLASSIFICATION,
       label_key='label', num_classes=3), overwrite=True)
   npz = str(manual / 'R50+ViT-B_16.npz')  # Tiny encoder, released key layout.
-  pretrained.write_fake_npz(npz, models.get_config('tiny'), 3, np.random.default_rng(0))
+  testing.write_fake_npz(npz, models.get_config('tiny'), 3, np.random.default_rng(0))
   yield dict(data_dir=data_dir, npz=npz, tmp=tmp_path_factory)
   datasets.unregister_dataset(IMAGENET)
 

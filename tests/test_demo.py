@@ -18,6 +18,7 @@ import flax
 import numpy as np
 import pytest
 
+from configs import paper
 from ddep_jax import checkpoints
 from ddep_jax import fileio
 from experiments import demo
@@ -76,7 +77,7 @@ def _finetune_dir(smoke, init, fraction, subset_seed):
 def _run_mious(smoke):
   """{(init, fraction): [mIoU x 100 per subset]} read from the runs' results/val.json."""
   by_cell = {}
-  for init in config_module.INITS:
+  for init in paper.INITS:
     for fraction in config_module.SMOKE_LABEL_FRACTIONS:
       for seed in range(config_module.SMOKE_NUM_SUBSETS):
         results = fileio.read_json(

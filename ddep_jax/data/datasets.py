@@ -19,14 +19,15 @@ import dataclasses
 import os
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ddep_jax.constants import IGNORE_LABEL
 from ddep_jax.data import subsets
 from ddep_jax.data.builders import ade20k
 from ddep_jax.data.builders import pascal_context
 from ddep_jax.data.builders import voc2012
 
-IGNORE_LABEL = 255
 # Marks stored mask values a dataset never uses; mapped to IGNORE_LABEL and counted.
 UNEXPECTED_LABEL = -1
 
@@ -217,6 +218,16 @@ def disable_tfds_gcs() -> None:
   """Stops TFDS from looking up dataset metadata on GCS (no network at run time)."""
   from tensorflow_datasets.core.utils import gcs_utils  # pylint: disable=g-import-not-at-top
   gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
+
+
+def confine_tensorflow() -> None:
+  """The start of every command line: TensorFlow only feeds data.
+
+  Keeps it off the accelerators, which belong to JAX, and away from GCS metadata look-ups (no
+  network is assumed).
+  """
+  tf.config.set_visible_devices([], 'GPU')
+  disable_tfds_gcs()
 
 
 def _resolved_data_dir(data_dir: str | None) -> str:

@@ -9,7 +9,7 @@ from ml_collections import config_dict
 import numpy as np
 import tensorflow as tf
 
-from ddep_jax.data import datasets
+from ddep_jax import constants
 from ddep_jax.data import preprocessing
 from ddep_jax.data import reading
 
@@ -127,7 +127,7 @@ def _padding_example(element_spec) -> dict[str, tf.Tensor]:
   """An invalid example: zeros, label 255, valid False."""
   out = {k: tf.zeros(s.shape, s.dtype) for k, s in element_spec.items()}
   if 'label' in out and out['label'].shape.rank == 2:
-    out['label'] = tf.fill(element_spec['label'].shape, tf.constant(datasets.IGNORE_LABEL,
+    out['label'] = tf.fill(element_spec['label'].shape, tf.constant(constants.IGNORE_LABEL,
                                                                     tf.int32))
   return out
 

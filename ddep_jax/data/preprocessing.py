@@ -10,9 +10,9 @@ expect); segmentation labels as int32 train ids with 255 = ignore.
 
 import tensorflow as tf
 
+from ddep_jax import constants
 from ddep_jax.data import datasets
 
-IGNORE_LABEL = datasets.IGNORE_LABEL
 # Pad value of images in raw [0, 255] units (black, as MMSegmentation pads), i.e. -1 after
 # `normalize_image`. Padded pixels carry label 255, so the loss ignores them anyway.
 IMAGE_PAD_VALUE = 0.0
@@ -66,7 +66,8 @@ def map_labels(mask: tf.Tensor, label_table) -> tf.Tensor:
   """
   mask = _squeeze_channel(tf.cast(mask, tf.int32))
   mapped = tf.gather(tf.constant(label_table, tf.int32), tf.clip_by_value(mask, 0, 255))
-  return tf.where((mask < 0) | (mapped == datasets.UNEXPECTED_LABEL), IGNORE_LABEL, mapped)
+  return tf.where((mask < 0) | (mapped == datasets.UNEXPECTED_LABEL), constants.IGNORE_LABEL,
+                  mapped)
 
 
 def count_unexpected_labels(mask: tf.Tensor, label_table) -> tf.Tensor:
@@ -241,7 +242,8 @@ def pad_to_size(image, labels, size_hw):
                  constant_values=IMAGE_PAD_VALUE)
   image = tf.ensure_shape(image, [*size_hw, image.shape[-1]])
   if labels is not None:
-    labels = tf.pad(labels, [[0, pad_hw[0]], [0, pad_hw[1]]], constant_values=IGNORE_LABEL)
+    labels = tf.pad(labels, [[0, pad_hw[0]], [0, pad_hw[1]]],
+                    constant_values=constants.IGNORE_LABEL)
     labels = tf.ensure_shape(labels, list(size_hw))
   return image, labels
 

@@ -14,10 +14,10 @@ import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ddep_jax import constants
 from ddep_jax.data import datasets
 from ddep_jax.data import preprocessing
 
-TASKS = ('denoise', 'segment', 'classify')
 # Crop of denoising / classification pretraining when config crop_size is None (paper §5).
 PRETRAIN_CROP_SIZE = (224, 224)
 
@@ -98,8 +98,8 @@ class Source:
 
 def open_source(name: str, split: str, task: str, data_dir) -> Source:
   """The prepared dataset `name` for `task`; errors name what the dataset or split lacks."""
-  if task not in TASKS:
-    raise ValueError(f'task must be one of {TASKS}, got {task!r}.')
+  if task not in constants.TASKS:
+    raise ValueError(f'task must be one of {constants.TASKS}, got {task!r}.')
   spec = datasets.get_spec(name)
   builder = datasets.load_builder(spec, data_dir)
   source = Source(spec, builder, task, split)

@@ -8,9 +8,8 @@ loading.
 """
 
 from ddep_jax.models.model import build_model
-from ddep_jax.models.model import TASKS
 from ddep_jax.models.presets import default_config
 from ddep_jax.models.presets import get_config
 from ddep_jax.models.presets import PRESETS
 
-__all__ = ['build_model', 'default_config', 'get_config', 'PRESETS', 'TASKS']
+__all__ = ['build_model', 'default_config', 'get_config', 'PRESETS']

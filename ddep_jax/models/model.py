@@ -33,12 +33,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from ddep_jax import constants
 from ddep_jax.models import decoder as decoder_lib
 from ddep_jax.models import heads
 from ddep_jax.models import resnet
 from ddep_jax.models import vit
 
-TASKS = ('classify', 'denoise', 'segment')
 MODEL_NAMES = ('transunet', 'r50_unet')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 REMAT_POLICIES = ('none', 'encoder', 'decoder', 'all')
@@ -116,8 +116,8 @@ def build_model(model_config: ml_collections.ConfigDict, *, task: str,
     An unbound `flax.linen.Module` called as `model.apply(variables, images, train=...,
     encoder_train=None, noise_level=None, rngs=...)` -> `(out float32, aux)`.
   """
-  if task not in TASKS:
-    raise ValueError(f'task must be one of {TASKS}; got {task!r}.')
+  if task not in constants.TASKS:
+    raise ValueError(f'task must be one of {constants.TASKS}; got {task!r}.')
   if task != 'denoise' and (not isinstance(num_classes, int) or num_classes < 1):
     raise ValueError(f'task={task!r} needs num_classes >= 1 (the head width); got {num_classes!r}.')
   dtype = _dtype(model_config)

@@ -33,27 +33,20 @@ from typing import Any, Mapping, Optional, Sequence
 from absl import logging
 import flax
 from flax.training import checkpoints as flax_checkpoints
-import jax
 import ml_collections
 import numpy as np
 import scipy.ndimage
 
 from ddep_jax import fileio
+from ddep_jax import parameters
+from ddep_jax.models import model as model_lib
 from ddep_jax.models import timm_weights
 
 POSEMB_PATH = 'encoder/Transformer/posembed_input/pos_embedding'
 CLS_PATH = 'encoder/cls'
 
 # The GroupNorm modules of the ResNet: `gn_root`, `gn_proj`, `gn1`, `gn2`, `gn3`.
-_GROUPNORM_RE = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
-# Linen -> released (pre-Linen) names inside `encoderblock_{i}`; used to write fake checkpoints.
-# Reading goes through flax's own `convert_pre_linen`, so the two directions are independent.
-_PRE_LINEN_BLOCK_NAMES = {
-    'LayerNorm_0': 'LayerNorm_0',
-    'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
-    'LayerNorm_1': 'LayerNorm_2',
-    'MlpBlock_0': 'MlpBlock_3',
-}
+GROUPNORM_RE = re.compile(r'(^|/)gn(\d+|_root|_proj)/(scale|bias)$')
 _DOWNLOAD_HINT = ('Download the ImageNet-21k checkpoint, e.g. '
                   '`gsutil cp gs://vit_models/imagenet21k/R50+ViT-B_16.npz .`, and point '
                   '`config.init_from.npz` at it; or use timm\'s copy of the same weights: '
@@ -84,7 +77,7 @@ def convert_vit_params(tree: Mapping[str, Any]) -> dict[str, Any]:
   out = {}
   for path, value in flat.items():
     value = np.asarray(value)
-    if _GROUPNORM_RE.search(path) and value.ndim == 4 and value.shape[:3] == (1, 1, 1):
+    if GROUPNORM_RE.search(path) and value.ndim == 4 and value.shape[:3] == (1, 1, 1):
       value = value.reshape(value.shape[-1])
     if path.startswith('pre_logits/'):
       path = 'head/' + path
@@ -133,12 +126,62 @@ def resample_posemb(posemb: np.ndarray, new_grid: Sequence[int], *, has_class_to
   return np.concatenate(parts, axis=1).astype(np.float32)
 
 
-def merge_params(init_params: Mapping[str, Any], loaded: Mapping[str, Any], *, drop_head: bool,
-                 grid_size: Optional[Sequence[int]] = None) -> dict[str, Any]:
+def token_grid(model_config: ml_collections.ConfigDict, image_size: Sequence[int]
+               ) -> tuple[int, int]:
+  """The (h, w) token grid of the ViT encoder of `model_config` on images of `image_size` (H, W)."""
+  stride = model_lib.build_encoder(model_config).output_stride
+  return (image_size[0] // stride, image_size[1] // stride)
+
+
+def resample_position_embedding(loaded: Mapping[str, Any], model_params: Mapping[str, Any],
+                                grid_size: Optional[Sequence[int]] = None) -> dict[str, Any]:
+  """`loaded` with its position embedding resampled to the model's token grid, once, at load.
+
+  Checkpoints come at other resolutions than the run (ImageNet-21k and DDeP at 224, fine-tuning
+  on 512 or 1024 crops), so the stored grid (taken as square) is interpolated as
+  vision_transformer does when fine-tuning at a new resolution (`resample_posemb`). The class
+  slot is read when `loaded` has a class token and kept when the model has one. `loaded` comes
+  back as it is when the shapes agree already, or differ in more than the token count (then
+  `parameters.merge_params` names both shapes).
+
+  Args:
+    loaded: parameters to put into the model (an earlier stage's, or `convert_vit_params`').
+    model_params: the model's parameters (or their shapes).
+    grid_size: the model's token grid (h, w) (`token_grid`); by default the square grid of the
+      model's `pos_embedding`.
+  """
+  loaded_flat = parameters.flatten(loaded)
+  model_flat = parameters.flatten(model_params)
+  if POSEMB_PATH not in loaded_flat or POSEMB_PATH not in model_flat:
+    return dict(loaded)
+  old, new = np.shape(loaded_flat[POSEMB_PATH]), np.shape(model_flat[POSEMB_PATH])
+  if old == new or len(old) != 3 or len(new) != 3 or old[-1] != new[-1]:
+    return dict(loaded)
+  keep_class_token = CLS_PATH in model_flat
+  if grid_size is None:
+    num_grid = new[1] - int(keep_class_token)
+    side = math.isqrt(num_grid)
+    if side * side != num_grid:
+      raise ValueError(f'{POSEMB_PATH}: the model grid of {num_grid} tokens is not square; '
+                       f'pass image_size=(H, W) to load_pretrained (or the token grid '
+                       f'(H/16, W/16) as grid_size).')
+    grid_size = (side, side)
+  logging.info('Resampling %s from %s to grid %s.', POSEMB_PATH, old, tuple(grid_size))
+  loaded_flat[POSEMB_PATH] = resample_posemb(
+      loaded_flat[POSEMB_PATH], grid_size, has_class_token=CLS_PATH in loaded_flat,
+      keep_class_token=keep_class_token)
+  return parameters.unflatten(loaded_flat)
+
+
+def merge_pretrained(init_params: Mapping[str, Any], loaded: Mapping[str, Any], *,
+                     drop_head: bool, grid_size: Optional[Sequence[int]] = None
+                     ) -> dict[str, Any]:
   """Merges `loaded` (e.g. `convert_vit_params` output) into freshly initialised parameters.
 
   Every top-level section of `loaded` (`encoder`, `head`, ...) replaces the one of `init_params`
-  path by path; sections absent from `loaded` (the `decoder`) keep their initial values.
+  path by path (`parameters.merge_params`); sections absent from `loaded` (the `decoder`) keep
+  their initial values. The position embedding is resampled to the model's grid first
+  (`resample_position_embedding`), and a class token the model does not have is dropped.
 
   Args:
     init_params: the model's parameters from `model.init` (their shapes are the contract).
@@ -154,65 +197,33 @@ def merge_params(init_params: Mapping[str, Any], loaded: Mapping[str, Any], *, d
     A new nested dict like `init_params`.
 
   Raises:
-    ValueError naming every path in the checkpoint but not in the model, in the model but not in
-    the checkpoint, or with mismatched shapes (both shapes given).
+    parameters.ParamsMismatchError naming every path in the checkpoint but not in the model, in
+    the model but not in the checkpoint, or with mismatched shapes (both shapes given).
   """
-  init_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(init_params), sep='/')
-  loaded_flat = dict(flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded), sep='/'))
+  loaded_flat = parameters.flatten(
+      resample_position_embedding(loaded, init_params, grid_size))
   if drop_head:
     dropped = sorted(k for k in loaded_flat if k.startswith('head/'))
     if dropped:
-      logging.info('merge_params: drop_head=True, not loading %s', dropped)
+      logging.info('merge_pretrained: drop_head=True, not loading %s', dropped)
     loaded_flat = {k: v for k, v in loaded_flat.items() if not k.startswith('head/')}
-  has_class_token = CLS_PATH in loaded_flat
-  if has_class_token and CLS_PATH not in init_flat:
-    # The model runs without a class token: its position embedding slot goes too (below).
-    logging.info('merge_params: the model has no class token; dropping %s.', CLS_PATH)
+  if CLS_PATH in loaded_flat and CLS_PATH not in parameters.flatten(init_params):
+    # The model runs without a class token: its position embedding slot went too (above).
+    logging.info('merge_pretrained: the model has no class token; dropping %s.', CLS_PATH)
     del loaded_flat[CLS_PATH]
-
-  if POSEMB_PATH in loaded_flat and POSEMB_PATH in init_flat:
-    old, new = np.shape(loaded_flat[POSEMB_PATH]), np.shape(init_flat[POSEMB_PATH])
-    keep_class_token = CLS_PATH in init_flat
-    if old != new and len(old) == 3 and len(new) == 3 and old[-1] == new[-1]:
-      num_grid = new[1] - int(keep_class_token)
-      if grid_size is None:
-        side = math.isqrt(num_grid)
-        if side * side != num_grid:
-          raise ValueError(f'{POSEMB_PATH}: the model grid of {num_grid} tokens is not square; '
-                           f'pass image_size=(H, W) to load_pretrained (or the token grid '
-                           f'(H/16, W/16) as grid_size to merge_params).')
-        grid_size = (side, side)
-      logging.info('merge_params: resampling %s from %s to grid %s', POSEMB_PATH, old,
-                   tuple(grid_size))
-      loaded_flat[POSEMB_PATH] = resample_posemb(
-          loaded_flat[POSEMB_PATH], grid_size, has_class_token=has_class_token,
-          keep_class_token=keep_class_token)
-
   sections = {k.split('/')[0] for k in loaded_flat}
   if not drop_head:  # Loading the head was asked for: the checkpoint must have it.
     sections.add('head')
-  expected = {k for k in init_flat if k.split('/')[0] in sections}
-  unexpected = sorted(loaded_flat.keys() - init_flat.keys())
-  missing = sorted(expected - loaded_flat.keys())
-  mismatched = sorted(k for k in expected & loaded_flat.keys()
-                      if np.shape(loaded_flat[k]) != np.shape(init_flat[k]))
-  if unexpected or missing or mismatched:
-    lines = ['The checkpoint does not fit the model:']
-    lines += [f'  in checkpoint but not in model: {k} {np.shape(loaded_flat[k])}'
-              for k in unexpected]
-    lines += [f'  in model but not in checkpoint: {k} {np.shape(init_flat[k])}' for k in missing]
-    lines += [f'  shape mismatch: {k}: checkpoint {np.shape(loaded_flat[k])} vs model '
-              f'{np.shape(init_flat[k])}' for k in mismatched]
-    if any(k.startswith('head/') for k in unexpected + missing + mismatched):
-      lines.append('To fine-tune with a new head (or a dense model), pass drop_head=True; to '
-                   'evaluate the ImageNet-21k classifier, build a classify model with '
-                   'model.encoder.representation_size=768 and num_classes=21843.')
-    raise ValueError('\n'.join(lines))
-
-  merged = dict(init_flat)
-  for k, v in loaded_flat.items():
-    merged[k] = np.asarray(v, dtype=np.asarray(init_flat[k]).dtype)
-  return flax.traverse_util.unflatten_dict(merged, sep='/')
+  try:
+    return parameters.merge_params(init_params, parameters.unflatten(loaded_flat),
+                                   [re.escape(s) + '(/.*)?' for s in sorted(sections)])
+  except parameters.ParamsMismatchError as e:
+    if not any(k.startswith('head/') for k in e.paths):
+      raise
+    raise parameters.ParamsMismatchError(
+        f'{e}\nTo fine-tune with a new head (or a dense model), pass drop_head=True; to '
+        'evaluate the ImageNet-21k classifier, build a classify model with '
+        'model.encoder.representation_size=768 and num_classes=21843.', e.paths) from None
 
 
 def load_pretrained(init_params: Mapping[str, Any], path: str,
@@ -233,7 +244,8 @@ def load_pretrained(init_params: Mapping[str, Any], path: str,
       the result is numpy and the caller shards it).
     path: the checkpoint, as above.
     model_config: the `config.model` section; with `image_size`, gives the token grid.
-    drop_head: see `merge_params`; required, so that dropping the classifier is a decision.
+    drop_head: see `merge_pretrained`; required, so that dropping the classifier is a
+      decision.
     image_size: (H, W) the model runs at, for a non-square position-embedding grid.
 
   Returns:
@@ -244,12 +256,10 @@ def load_pretrained(init_params: Mapping[str, Any], path: str,
     if model_config is None:
       raise ValueError('load_pretrained(image_size=...) needs model_config for the encoder '
                        'output stride.')
-    from ddep_jax.models import model as model_lib  # pylint: disable=g-import-not-at-top
-    stride = model_lib.build_encoder(model_config).output_stride
-    grid_size = (image_size[0] // stride, image_size[1] // stride)
+    grid_size = token_grid(model_config, image_size)
   loaded, sources = read_pretrained(path, init_params)
   try:
-    return merge_params(init_params, loaded, drop_head=drop_head, grid_size=grid_size)
+    return merge_pretrained(init_params, loaded, drop_head=drop_head, grid_size=grid_size)
   except ValueError as e:
     message = str(e)
     named = [f'  {p} <- {key}' for p, key in sources.items() if p in message]
@@ -282,63 +292,3 @@ def _num_heads(init_params: Optional[Mapping[str, Any]], path: str) -> int:
       return np.shape(value)[1]
   raise ValueError(f'{path}: a timm checkpoint needs the parameters of a ViT encoder to load '
                    f'into (their query kernels give the number of attention heads).')
-
-
-def to_released_names(params: Mapping[str, Any], *, groupnorm_4d: bool = False
-                      ) -> dict[str, np.ndarray]:
-  """Flat `{released npz key: array}` for this package's `encoder` / `head` parameters.
-
-  The inverse of `convert_vit_params`: pre-Linen names in the transformer layers, `pre_logits`
-  and `head` at the top level, GroupNorm params as `(1, 1, 1, C)` when `groupnorm_4d`.
-  """
-  out = {}
-  for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/').items():
-    value = np.asarray(value)
-    parts = path.split('/')
-    if parts[0] == 'encoder':
-      parts = parts[1:]
-    elif parts[:2] == ['head', 'pre_logits']:
-      parts = parts[1:]
-    elif parts[0] != 'head':
-      raise ValueError(f'{path}: only encoder/ and head/ parameters have a released name.')
-    if len(parts) > 3 and parts[0] == 'Transformer' and parts[1].startswith('encoderblock_'):
-      parts[2] = _PRE_LINEN_BLOCK_NAMES[parts[2]]
-    key = '/'.join(parts)
-    if groupnorm_4d and _GROUPNORM_RE.search(key):
-      value = value.reshape(1, 1, 1, -1)
-    out[key] = value
-  return out
-
-
-def write_fake_npz(path: str, model_config: ml_collections.ConfigDict, num_classes: int,
-                   rng: np.random.Generator, *, image_size: int = 224,
-                   groupnorm_4d: bool = False) -> dict[str, np.ndarray]:
-  """Writes a checkpoint with the released key layout and random values (for tests).
-
-  The layout is that of vision_transformer's classifier for `model_config` at `image_size`
-  (square): its `encoder` plus `pre_logits` (if `encoder.representation_size`) and a
-  `num_classes` `head`, under the released (pre-Linen) names. Kernels are N(0, 1/fan_in), norm
-  scales 1 + N(0, 0.1^2), everything else N(0, 0.1^2), so that features are well scaled.
-
-  Returns:
-    The flat `{npz key: array}` that was written.
-  """
-  from ddep_jax.models import model as model_lib  # pylint: disable=g-import-not-at-top
-  model = model_lib.build_model(model_config, task='classify', num_classes=num_classes)
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-  arrays = {}
-  for key, spec in flax.traverse_util.flatten_dict(shapes['params'], sep='/').items():
-    if key.endswith('/kernel'):
-      value = rng.normal(size=spec.shape) / np.sqrt(np.prod(spec.shape[:-1]))
-    elif key.endswith('/scale'):
-      value = 1.0 + 0.1 * rng.normal(size=spec.shape)
-    else:
-      value = 0.1 * rng.normal(size=spec.shape)
-    arrays[key] = value.astype(np.float32)
-  released = to_released_names(flax.traverse_util.unflatten_dict(arrays, sep='/'),
-                               groupnorm_4d=groupnorm_4d)
-  buffer = io.BytesIO()
-  np.savez(buffer, **released)
-  fileio.write_bytes(str(path), buffer.getvalue())
-  return released

@@ -4,7 +4,7 @@ Most code that needs the paper's R50+ViT-B/16 today takes it from timm on the Hu
 (`timm/vit_base_r50_s16_224.orig_in21k`; pure ViT-B/16: `timm/vit_base_patch16_224.orig_in21k`
 or `.augreg_in21k`). Their state dicts hold the tensors of the released `.npz` files under
 PyTorch names and layouts; `convert_timm_params` maps every one of them onto this package's
-tree (`encoder/...`, `head/...`), so `pretrained.merge_params` loads them as it loads an `.npz`:
+tree (`encoder/...`, `head/...`), so `pretrained.merge_pretrained` loads them as it loads an `.npz`:
 
 | timm | here |
 |---|---|

@@ -27,7 +27,7 @@ class AddPositionEmbs(nn.Module):
   the grid part is resized bilinearly to the new `(h, w)` whenever the grids differ, even with
   equal token counts; this needs the stored grid to be square (its shape cannot be recovered
   from `h * w` otherwise). To fine-tune at a new size, resample once when loading instead
-  (`pretrained.resample_posemb`).
+  (`pretrained.resample_position_embedding`, which every loader of parameters uses).
   """
 
   grid_size: Sequence[int]

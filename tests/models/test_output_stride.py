@@ -6,7 +6,6 @@ a frozen copy of the five-stage decoder of that time.
 """
 
 import hashlib
-from typing import Any
 
 import flax.linen as nn
 import jax

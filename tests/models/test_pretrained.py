@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ddep_jax import models
+from ddep_jax import testing
 from ddep_jax.models import pretrained
 
 NUM_CLASSES = 10
@@ -70,7 +71,7 @@ def _flat(tree):
 @pytest.fixture(name='fake_npz')
 def fake_npz_fixture(tmp_path):
   path = tmp_path / 'R50+ViT-tiny.npz'
-  written = pretrained.write_fake_npz(str(path), _config(), NUM_CLASSES,
+  written = testing.write_fake_npz(str(path), _config(), NUM_CLASSES,
                                       np.random.default_rng(0), image_size=64,
                                       groupnorm_4d=True)
   return str(path), written
@@ -115,7 +116,7 @@ def test_round_trip_puts_every_value_where_it_belongs(fake_npz, random_params):
 
 def test_groupnorm_params_load_from_both_file_layouts(tmp_path, random_params):
   path = str(tmp_path / 'linen_layout.npz')
-  written = pretrained.write_fake_npz(path, _config(), NUM_CLASSES, np.random.default_rng(1),
+  written = testing.write_fake_npz(path, _config(), NUM_CLASSES, np.random.default_rng(1),
                                       image_size=32, groupnorm_4d=False)
   assert written['gn_root/scale'].shape == (32,)
   init = _init(random_params, _config(), 'classify', (32, 32))
@@ -229,7 +230,7 @@ def test_stride_4_hybrid_loads_its_layout_and_names_what_a_stride_16_file_has_mo
     fake_npz, tmp_path, random_params):
   config = _config(output_stride=4)
   path = str(tmp_path / 'stride4.npz')
-  written = pretrained.write_fake_npz(path, config, NUM_CLASSES, np.random.default_rng(2),
+  written = testing.write_fake_npz(path, config, NUM_CLASSES, np.random.default_rng(2),
                                       image_size=32)
   init = _init(random_params, config, 'segment', (32, 32))
   loaded = _flat(pretrained.load_pretrained(init, path, drop_head=True))

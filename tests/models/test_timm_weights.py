@@ -173,7 +173,7 @@ def test_full_size_layouts_map_exactly():
     _, init = _init_params_lazy(config, (224, 224))
     tree, sources = timm_weights.convert_timm_params(state, num_heads=config.encoder.num_heads)
     assert len(set(sources.values())) == len(state)  # Every timm tensor placed.
-    merged = pretrained.merge_params(init, tree, drop_head=True)
+    merged = pretrained.merge_pretrained(init, tree, drop_head=True)
     converted = flax.traverse_util.flatten_dict(tree['encoder'], sep='/')
     model_encoder = flax.traverse_util.flatten_dict(merged['encoder'], sep='/')
     assert converted.keys() == model_encoder.keys(), timm_name

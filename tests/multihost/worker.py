@@ -35,6 +35,7 @@ from ddep_jax import optimizer as optimizer_lib
 from ddep_jax import sharding
 from ddep_jax import train
 from ddep_jax import train_step as train_step_lib
+from ddep_jax.data import datasets
 from ddep_jax.data import input_pipeline
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
@@ -259,8 +260,7 @@ def _write_json(path: str, value: Any) -> None:
 
 def main(argv):
   del argv
-  from tensorflow_datasets.core.utils import gcs_utils  # pylint: disable=g-import-not-at-top
-  gcs_utils._is_gcs_disabled = True  # pylint: disable=protected-access
+  datasets.disable_tfds_gcs()
   config = make_config('segment', FLAGS.data_dir)
   config.distributed.initialize = True
   config.distributed.coordinator_address = f'127.0.0.1:{FLAGS.port}'

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from ddep_jax import constants
 from ddep_jax.data.builders import builder_utils
 
 IMAGES_ARCHIVE = 'VOCtrainval_03-May-2010.tar'
@@ -51,7 +52,6 @@ CLASSES_60 = (
     'water', 'window', 'wood')
 CLASSES_59 = CLASSES_60[1:]
 _TRAIN_ID_60 = {category: i for i, category in enumerate(SOURCE_CATEGORY_IDS)}
-IGNORE = 255
 
 _CITATION = """\
 @inproceedings{mottaghi2014role,
@@ -158,7 +158,8 @@ def paint_mask(annotations: Sequence[Mapping], height: int, width: int, *, examp
 
 def to_59_classes(mask_60: np.ndarray) -> np.ndarray:
   """60-class ids -> 59-class ids: background 0 -> 255 (ignore), k -> k - 1."""
-  return np.where(mask_60 == 0, IGNORE, mask_60.astype(np.int32) - 1).astype(np.uint8)
+  return np.where(mask_60 == 0, constants.IGNORE_LABEL,
+                  mask_60.astype(np.int32) - 1).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------------
