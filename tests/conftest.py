@@ -10,7 +10,11 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import xla_flags  # tests/ is on sys.path: pytest.ini's pythonpath.
+
+os.environ.setdefault("XLA_FLAGS", xla_flags.flags())
+if xla_flags.FAST_COMPILE not in os.environ["XLA_FLAGS"]:  # `make test` sets only the devices.
+  os.environ["XLA_FLAGS"] += " " + xla_flags.FAST_COMPILE
 # One persistent XLA compilation cache for the whole session (pytest-xdist workers and the
 # trainer subprocesses some tests start inherit it): tests that build the same tiny programs
 # compile them once. Created fresh per session, so nothing carries over between CI runs.

@@ -25,6 +25,7 @@ from experiments import demo
 from experiments import demo_diagnostics
 from experiments import hyper
 from experiments import sweep
+import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 config_module = sweep.load_config_module(demo.CONFIG_FILE)
@@ -36,7 +37,7 @@ NUM_RUNS = NUM_PRETRAIN + NUM_SMOKE_FINETUNE
 
 def _run_demo(workdir, data_dir):
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop('XLA_FLAGS', None)  # One CPU device, as `make demo` runs.
+  env['XLA_FLAGS'] = xla_flags.flags(None)  # One CPU device, as `make demo` runs.
   return subprocess.run(
       [sys.executable, '-m', 'experiments.demo', f'--workdir={workdir}', '--smoke',
        f'--data_dir={data_dir}'], cwd=REPO, env=env, capture_output=True, text=True,
@@ -222,7 +223,7 @@ def test_diagnostic_scores_separate_where_from_which_digit():
 
 def test_diagnostics_run_on_a_finished_demo(smoke):
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2')
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = xla_flags.flags(None)
   result = subprocess.run(
       [sys.executable, os.path.join('experiments', 'demo_diagnostics.py'),
        f'--demo_dir={smoke.workdir}', f'--data_dir={smoke.data_dir}', '--inits=none,ddep',

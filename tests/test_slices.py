@@ -15,6 +15,7 @@ import textwrap
 import pytest
 
 from ddep_jax import sharding
+import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,7 +100,7 @@ _SIXTEEN = textwrap.dedent("""\
 def test_runlocal_twins_start_on_16_devices():
   configs = [(name, f'{arg},' if arg else '') for name, (arg, _, _) in PAPER_CONFIGS.items()]
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2',
-             XLA_FLAGS='--xla_force_host_platform_device_count=16')
+             XLA_FLAGS=xla_flags.flags(16))
   result = subprocess.run([sys.executable, '-c', _SIXTEEN % (configs,)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Callable, Sequence
 
+import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = sys.executable
 DEVICES_PER_PROCESS = 2
@@ -51,7 +53,7 @@ def process_env(devices: int = DEVICES_PER_PROCESS) -> dict:
   env = {k: v for k, v in os.environ.items() if k not in _CACHE_VARIABLES}
   env.update(
       PYTHONPATH=REPO,
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+      XLA_FLAGS=xla_flags.flags(devices),
       # jax 0.10 already defaults to gloo on CPU; pinned here because cross-process collectives
       # on CPU need it (JAX reads JAX_* variables as its config options).
       JAX_CPU_COLLECTIVES_IMPLEMENTATION='gloo',
