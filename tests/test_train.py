@@ -207,8 +207,10 @@ def _assert_logs_cost_analysis_flops_and_mfu(config, workdir):
   opt = optimizer_lib.make_optimizer(config, abstract, config.total_steps)
   mesh = sharding.make_mesh(config)
   state, shardings = train_step_lib.create_train_state(config, model, opt, mesh, image_shape)
-  batch = sharding.global_batch({'image': np.zeros(
-      (config.input.batch_size, *image_shape[1:]), np.float32)}, mesh)
+  size = (config.input.batch_size, *image_shape[1:])
+  batch = {'image': np.zeros(size, np.float32), 'label': np.zeros(size[:-1], np.int32)}
+  batch = sharding.global_batch(
+      {k: batch[k] for k in train_step_lib.BATCH_KEYS[config.task]}, mesh)
   step = train_step_lib.make_train_step(config, model, opt, mesh, shardings)
   flops = performance.step_flops_per_device(step.lower(state, batch).compile())
   assert flops > 1e6 and len(logged['train/step_flops_per_device']) >= 1
