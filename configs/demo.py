@@ -41,10 +41,9 @@ Arguments (`configs/demo.py:k=v,...`):
 Paths in the argument may not contain ',', '+' or '='.
 """
 
-import os
-
 from configs import common
 from configs import paper
+from ddep_jax import fileio
 from ddep_jax import models
 
 STAGES = ('supervised', 'ddep', 'dep', 'finetune')
@@ -90,7 +89,7 @@ def get_config(arg=None):
     raise ValueError(f'stage={arg.stage!r}: expected one of {STAGES}.')
   if arg.init not in paper.INITS:
     raise ValueError(f'init={arg.init!r}: expected one of {paper.INITS}.')
-  data_dir = arg.data_dir or os.path.join(arg.root, 'tfds')
+  data_dir = arg.data_dir or fileio.join(arg.root, 'tfds')
   smoke = arg.runlocal
 
   config = common.get_base_config()
@@ -136,7 +135,7 @@ def get_config(arg=None):
     if arg.stage == 'ddep':
       # §4: the encoder stays at its supervised weights; only the decoder learns to denoise.
       config.schedule = (('encoder/.*', None), ('.*', schedule))
-      config.init_from.checkpoint = os.path.join(arg.root, 'pretrain', 'supervised')
+      config.init_from.checkpoint = fileio.join(arg.root, 'pretrain', 'supervised')
       config.init_from.params = ('encoder/.*',)
     else:
       config.schedule = (('.*', schedule),)  # §3: everything from random initialisation.
@@ -161,7 +160,7 @@ def get_config(arg=None):
     # Background is ~89 % of the pixels; weighted 1, it hides digit identity (docs/demo.md).
     config.class_weights = BACKGROUND_WEIGHTED
     if arg.init != 'none':
-      config.init_from.checkpoint = os.path.join(arg.root, 'pretrain', arg.init)
+      config.init_from.checkpoint = fileio.join(arg.root, 'pretrain', arg.init)
       # The supervised baseline has no decoder to carry (its run classifies); the heads are
       # always fresh (other classes / outputs).
       config.init_from.params = (('encoder/.*',) if arg.init == 'supervised'

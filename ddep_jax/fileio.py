@@ -88,6 +88,17 @@ def isdir(path: str) -> bool:
   return _files(path).isdir(path) if is_remote(path) else os.path.isdir(path)
 
 
+def isfile(path: str) -> bool:
+  if is_remote(path):
+    return _files(path).exists(path) and not _files(path).isdir(path)
+  return os.path.isfile(path)
+
+
+def abspath(path: str) -> str:
+  """A local path made absolute; URLs are absolute already and come back unchanged."""
+  return path if is_remote(path) else os.path.abspath(path)
+
+
 def makedirs(path: str) -> None:
   if is_remote(path):
     _files(path).makedirs(path)
@@ -96,7 +107,11 @@ def makedirs(path: str) -> None:
 
 
 def dirname(path: str) -> str:
-  return path.rstrip('/').rsplit('/', 1)[0] if is_remote(path) else os.path.dirname(path)
+  """The parent directory; a URL's root (`gs://bucket`) is its own parent, as `/` is."""
+  if not is_remote(path):
+    return os.path.dirname(path)
+  scheme, rest = path.split('://', 1)
+  return f'{scheme}://{rest.rstrip("/").rsplit("/", 1)[0]}'
 
 
 def listdir(path: str) -> list[str]:
@@ -122,7 +137,7 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` in one piece (a single upload on object stores), creating parent directories.
+  """Writes `data` so that a reader never sees half a file, creating parent directories.
 
   Serialise into `io.BytesIO` first: writers that seek or tell (zip, `np.savez`) cannot write to
   GCS files directly.
@@ -130,17 +145,28 @@ def write_bytes(path: str, data: bytes) -> None:
   parent = dirname(path)
   if parent:
     makedirs(parent)
-  if is_remote(path):
+  if path.startswith(_OBJECT_STORES):
     with _files(path).GFile(path, 'wb') as f:
       f.write(data)
-  else:
-    with open(path, 'wb') as f:
+  elif is_remote(path):
+    with _files(path).GFile(path + '.tmp', 'wb') as f:
       f.write(data)
+    _files(path).rename(path + '.tmp', path, overwrite=True)
+  else:
+    with open(path + '.tmp', 'wb') as f:
+      f.write(data)
+    os.replace(path + '.tmp', path)
 
 
-def glob(pattern: str) -> list[str]:
-  """Sorted matches of a shell-style pattern."""
-  matches = _files(pattern).glob(pattern) if is_remote(pattern) else glob_lib.glob(pattern)
+def glob(pattern: str, recursive: bool = False) -> list[str]:
+  """Sorted matches of a shell-style pattern; with `recursive`, `**` matches any depth locally.
+
+  On object stores (epath) `**` always matches any depth; `tf.io.gfile` treats it as `*`.
+  """
+  if is_remote(pattern):
+    matches = _files(pattern).glob(pattern)
+  else:
+    matches = glob_lib.glob(pattern, recursive=recursive)
   return sorted(m.rstrip('/') for m in matches)
 
 
@@ -153,21 +179,8 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes `text` so that a reader never sees half a file, creating parent directories."""
-  parent = dirname(path)
-  if parent:
-    makedirs(parent)
-  if path.startswith(_OBJECT_STORES):
-    with _files(path).GFile(path, 'w') as f:
-      f.write(text)
-  elif is_remote(path):
-    with _files(path).GFile(path + '.tmp', 'w') as f:
-      f.write(text)
-    _files(path).rename(path + '.tmp', path, overwrite=True)
-  else:
-    with open(path + '.tmp', 'w', encoding='utf-8') as f:
-      f.write(text)
-    os.replace(path + '.tmp', path)
+  """Writes `text` as UTF-8 with `write_bytes` (never half a file)."""
+  write_bytes(path, text.encode('utf-8'))
 
 
 def read_json(path: str) -> Any:

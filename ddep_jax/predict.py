@@ -16,14 +16,16 @@ flip; `ddep_jax.inference`), on its own, at its own size, and gives in `--out`:
 Images: anything Pillow reads. Grayscale and palette images are converted to RGB, RGBA and LA
 lose their alpha channel (logged per file); 16-bit and float images are refused. Outputs that
 exist already are kept and their image skipped (`--overwrite` redoes them); a file that cannot be
-read is reported by name and the others still run. Files are written atomically (tmp + rename).
+read is reported by name and the others still run. Files are written atomically (tmp + rename;
+one upload on `gs://`). Every path (checkpoint, config, images, output) may be local or a `gs://`
+URL (`ddep_jax.fileio`).
 
 From Python: `predict(params, config, image) -> label map` (docs/python_api.md).
 """
 
 import dataclasses
 import functools
-import glob
+import io
 import json
 import os
 from typing import Any, Mapping, Optional, Sequence
@@ -40,6 +42,7 @@ from PIL import ImageDraw
 import tqdm
 
 from ddep_jax import checkpoints
+from ddep_jax import fileio
 from ddep_jax import inference
 from ddep_jax import models
 from ddep_jax.data import datasets
@@ -150,10 +153,10 @@ def predict(params: Mapping[str, Any], config, image: np.ndarray, *,
 
 def find_config(checkpoint: str) -> str:
   """The `config.json` of the run holding `checkpoint` (workdir, checkpoints/, checkpoints/<n>)."""
-  path = os.path.abspath(checkpoint.rstrip('/'))
-  for directory in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
-    candidate = os.path.join(directory, 'config.json')
-    if os.path.exists(candidate):
+  path = fileio.abspath(checkpoint.rstrip('/'))
+  for directory in (path, fileio.dirname(path), fileio.dirname(fileio.dirname(path))):
+    candidate = fileio.join(directory, 'config.json')
+    if fileio.exists(candidate):
       return candidate
   raise FileNotFoundError(f'No config.json found at or above {checkpoint} (the trainer writes '
                           f'one into the workdir); pass --config=/path/to/config.json.')
@@ -163,8 +166,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
   """A run's `config.json` as a ConfigDict (a run dir or checkpoint finds its own)."""
   if not path.endswith('.json'):
     path = find_config(path)
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(fileio.read_json(path))
 
 
 def load_run(checkpoint: str, config_path: Optional[str] = None):
@@ -188,7 +190,7 @@ def load_run(checkpoint: str, config_path: Optional[str] = None):
 def read_image(path: str) -> np.ndarray:
   """uint8 RGB `[H, W, 3]`; grayscale/palette converted, alpha dropped (logged), else an error."""
   try:
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(fileio.read_bytes(path))) as img:
       img.load()
       mode = img.mode
       if mode != 'RGB':
@@ -205,11 +207,11 @@ def read_image(path: str) -> np.ndarray:
 
 def find_images(pattern: str) -> list[str]:
   """The files a glob matches (sorted), or the image files of a directory."""
-  if os.path.isdir(pattern):
-    paths = sorted(os.path.join(pattern, name) for name in os.listdir(pattern)
+  if fileio.isdir(pattern):
+    paths = sorted(fileio.join(pattern, name) for name in fileio.listdir(pattern)
                    if name.lower().endswith(_IMAGE_SUFFIXES))
   else:
-    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    paths = [p for p in fileio.glob(pattern, recursive=True) if fileio.isfile(p)]
   if not paths:
     raise FileNotFoundError(f'No image files in {pattern!r} (a glob, a file, or a directory of '
                             f'{", ".join(_IMAGE_SUFFIXES)} files).')
@@ -276,15 +278,15 @@ def overlay(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -
 
 
 def _write_png(array: np.ndarray, path: str):
-  tmp = path + '.tmp.png'
-  Image.fromarray(array).save(tmp)
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='PNG')
+  fileio.write_bytes(path, buffer.getvalue())
 
 
 def output_paths(image_path: str, out_dir: str) -> tuple[str, str]:
   stem = os.path.splitext(os.path.basename(image_path))[0]
-  return (os.path.join(out_dir, f'{stem}_labels.png'),
-          os.path.join(out_dir, f'{stem}_overlay.png'))
+  return (fileio.join(out_dir, f'{stem}_labels.png'),
+          fileio.join(out_dir, f'{stem}_overlay.png'))
 
 
 def predict_files(checkpoint: str, images: str, out_dir: str, *, config_path: str | None = None,
@@ -299,7 +301,7 @@ def predict_files(checkpoint: str, images: str, out_dir: str, *, config_path: st
                checkpoint, protocol_of(config, eval_name))
   names = class_names_of(config)
   to_stored = original_ids(config) if label_ids == 'original' else None
-  os.makedirs(out_dir, exist_ok=True)
+  fileio.makedirs(out_dir)
   stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
   duplicates = sorted({s for s in stems if stems.count(s) > 1})
   if duplicates:
@@ -308,7 +310,7 @@ def predict_files(checkpoint: str, images: str, out_dir: str, *, config_path: st
   report = {'written': [], 'skipped': [], 'failed': []}
   for path in tqdm.tqdm(paths, desc='predict', unit='image'):
     labels_path, overlay_path = output_paths(path, out_dir)
-    if not overwrite and os.path.exists(labels_path) and os.path.exists(overlay_path):
+    if not overwrite and fileio.exists(labels_path) and fileio.exists(overlay_path):
       report['skipped'].append(path)
       continue
     try:

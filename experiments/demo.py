@@ -108,7 +108,7 @@ def enable_compilation_cache(cache_dir: str) -> None:
   across runs; the persistent cache is keyed by the program itself, so the fine-tuning runs
   (same shapes, same constants) compile once and later runs (and re-runs of the demo) load it.
   """
-  os.makedirs(cache_dir, exist_ok=True)
+  fileio.makedirs(cache_dir)
   jax.config.update('jax_compilation_cache_dir', cache_dir)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
@@ -154,11 +154,11 @@ def plan_runs(workdir: str, data_dir: str, smoke: bool) -> list[DemoRun]:
   for stage in config_module.PRETRAIN_STAGES:
     stage_arg = f'stage={stage},{arg}'
     runs.append(DemoRun(name=f'pretrain/{stage}', config_arg=stage_arg,
-                        workdir=os.path.join(workdir, 'pretrain', stage),
+                        workdir=fileio.join(workdir, 'pretrain', stage),
                         task=config_module.get_config(stage_arg).task))
   sweep_runs = sweep.expand(CONFIG_FILE, f'stage=finetune,{arg}',
                             config_module.get_sweep(hyper, f'stage=finetune,{arg}'),
-                            os.path.join(workdir, 'finetune'))
+                            fileio.join(workdir, 'finetune'))
   for run in sweep_runs:
     runs.append(DemoRun(name=f'finetune/{run.name}', config_arg=run.config_arg,
                         workdir=run.workdir, task='segment', tags=run.tags,
@@ -182,8 +182,8 @@ def config_json(config) -> dict:
 
 def check_same_config(run: DemoRun, config) -> None:
   """Refuses to reuse a run directory whose `config.json` differs from this demo's config."""
-  path = os.path.join(run.workdir, 'config.json')
-  if not os.path.exists(path):
+  path = fileio.join(run.workdir, 'config.json')
+  if not fileio.exists(path):
     return
   stored = fileio.read_json(path)
   wanted = config_json(config)
@@ -204,7 +204,7 @@ def final_results(workdir: str) -> dict | None:
   """The run's final `results/val.json`, or None when it has not finished."""
   if sweep.status(workdir) != 'finished':
     return None
-  return fileio.read_json(os.path.join(workdir, 'results', f'{EVAL_NAME}.json'))
+  return fileio.read_json(fileio.join(workdir, 'results', f'{EVAL_NAME}.json'))
 
 
 def summarize(task: str, results: dict) -> str:
@@ -243,7 +243,7 @@ def execute(indexed_runs: Sequence[tuple[int, DemoRun]], *, total: int,
       print(f'{prefix}: finished earlier, {summarize(run.task, results)}', flush=True)
       continue
     if run.sweep_run is not None:
-      fileio.write_json(os.path.join(run.workdir, 'run.json'), run.sweep_run.run_json())
+      fileio.write_json(fileio.join(run.workdir, 'run.json'), run.sweep_run.run_json())
     print(f'{prefix} ...', flush=True)
     started = time.time()
     all_results = train.train_and_evaluate(config, run.workdir)
@@ -355,8 +355,8 @@ def execute_named(names: Sequence[str], *, workdir: str, data_dir: str, smoke: b
 
 def check_frozen_encoder(workdir: str) -> tuple[int, int]:
   """(#encoder arrays bitwise equal, #encoder arrays) between the DDeP and supervised runs."""
-  supervised, _ = checkpoints.load_params(os.path.join(workdir, 'pretrain', 'supervised'))
-  ddep, _ = checkpoints.load_params(os.path.join(workdir, 'pretrain', 'ddep'))
+  supervised, _ = checkpoints.load_params(fileio.join(workdir, 'pretrain', 'supervised'))
+  ddep, _ = checkpoints.load_params(fileio.join(workdir, 'pretrain', 'ddep'))
   flat_supervised = flax.traverse_util.flatten_dict(supervised['encoder'])
   flat_ddep = flax.traverse_util.flatten_dict(ddep['encoder'])
   equal = sum(1 for k, v in flat_ddep.items()
@@ -381,23 +381,27 @@ class Outputs:
 
 def write_outputs(workdir: str) -> Outputs:
   """Aggregates the fine-tuning runs into `results.md`, `results.csv`, `label_efficiency.png`."""
-  records = results_table.load_records([os.path.join(workdir, 'finetune', '*')])
+  records = results_table.load_records([fileio.join(workdir, 'finetune', '*')])
   # One shared recipe: there are no hyper-parameters to choose per cell.
   table = results_table.aggregate(records, row_key='init', col_key='label_fraction',
                                   seed_key='subset_seed', hparam_keys=(), metric='mIoU',
                                   select_eval=EVAL_NAME, row_order=ROW_ORDER)
   markdown = f'{collect_results.caption(table)}\n\n{collect_results.to_markdown(table)}\n'
-  paths = {name: os.path.join(workdir, name)
+  paths = {name: fileio.join(workdir, name)
            for name in ('results.md', 'results.csv', 'label_efficiency.png')}
-  with open(paths['results.md'], 'w', encoding='utf-8') as f:
-    f.write(markdown)
-  with open(paths['results.csv'], 'w', encoding='utf-8') as f:
-    f.write(collect_results.to_csv(table))
+  fileio.write_text(paths['results.md'], markdown)
+  fileio.write_text(paths['results.csv'], collect_results.to_csv(table))
   collect_results.plot_label_efficiency(
       table, paths['label_efficiency.png'],
       title='Digit scenes: mIoU vs labelled fraction (demo)')
   return Outputs(table=table, markdown=markdown, markdown_path=paths['results.md'],
                  csv_path=paths['results.csv'], plot_path=paths['label_efficiency.png'])
+
+
+def demo_dirs(workdir: str, data_dir: str | None) -> tuple[str, str]:
+  """The work and data directories, local ones made absolute (workers start in REPO_ROOT)."""
+  workdir = fileio.abspath(workdir)
+  return workdir, fileio.abspath(data_dir) if data_dir else fileio.join(workdir, 'tfds')
 
 
 def run_demo(workdir: str, *, smoke: bool = False, data_dir: str | None = None,
@@ -408,10 +412,9 @@ def run_demo(workdir: str, *, smoke: bool = False, data_dir: str | None = None,
   `execute_all`).
   """
   start_time = time.time()
-  workdir = os.path.abspath(workdir)
-  data_dir = os.path.abspath(data_dir) if data_dir else os.path.join(workdir, 'tfds')
-  os.makedirs(workdir, exist_ok=True)
-  enable_compilation_cache(os.path.join(workdir, 'jax_cache'))
+  workdir, data_dir = demo_dirs(workdir, data_dir)
+  fileio.makedirs(workdir)
+  enable_compilation_cache(fileio.join(workdir, 'jax_cache'))
   runs = plan_runs(workdir, data_dir, smoke)
   num_finetune = sum(r.sweep_run is not None for r in runs)
   print(f'DDeP demo{" (smoke)" if smoke else ""} in {workdir}: {len(runs) - num_finetune} '
@@ -452,9 +455,9 @@ def main(argv: Sequence[str]) -> None:
   tf.get_logger().setLevel('ERROR')  # TensorFlow's Python warnings (deprecations) bypass absl.
   configure_logging()
   if FLAGS.runs:  # A worker started by another demo process.
-    workdir = os.path.abspath(FLAGS.workdir)
-    enable_compilation_cache(os.path.join(workdir, 'jax_cache'))
-    execute_named(FLAGS.runs, workdir=workdir, data_dir=os.path.abspath(FLAGS.data_dir),
+    workdir, data_dir = demo_dirs(FLAGS.workdir, FLAGS.data_dir)
+    enable_compilation_cache(fileio.join(workdir, 'jax_cache'))
+    execute_named(FLAGS.runs, workdir=workdir, data_dir=data_dir,
                   smoke=FLAGS.smoke, start_time=FLAGS.started_at)
     return
   run_demo(FLAGS.workdir, smoke=FLAGS.smoke, data_dir=FLAGS.data_dir, jobs=int(FLAGS.jobs))

@@ -39,6 +39,7 @@ import optax
 import tensorflow_datasets as tfds
 
 from ddep_jax import checkpoints
+from ddep_jax import fileio
 from ddep_jax import metrics
 from ddep_jax import models
 from ddep_jax import objectives
@@ -174,7 +175,7 @@ def finetune(model, params, train, val, *, init: str, steps: int, lr: float, eva
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # TFDS and Orbax chatter.
-  data_dir = FLAGS.data_dir or os.path.join(FLAGS.demo_dir, 'tfds')
+  data_dir = FLAGS.data_dir or fileio.join(FLAGS.demo_dir, 'tfds')
   x_train, y_train = load_split(data_dir, 'train', FLAGS.binary)
   subset = np.random.default_rng(FLAGS.seed).permutation(len(x_train))[:FLAGS.num_labelled]
   train = (x_train[subset], y_train[subset])

@@ -11,7 +11,7 @@
   classes, eval protocol), which costs most of a run on CPU, so each file runs exactly once:
   the three stages chained (supervised encoder on ImageNet-21k, DDeP, Cityscapes) and then
   re-evaluated and tabulated, every path on `gs://` on a GCS emulator started by this module
-  (tests/gcs_emulator.py); Pascal Context from the released-encoder layout (its `.npz` on
+  (tests/gcs_emulator.py) and the TFDS data on `ram://` (tests/ram_filesystem.py); Pascal Context from the released-encoder layout (its `.npz` on
   `gs://`), ADE20K from scratch, both in local work directories.
 """
 
@@ -54,6 +54,7 @@ paper = importlib.import_module('configs.paper')
 stages = importlib.import_module('configs.stages')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
+import ram_filesystem  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PAPER_CONFIGS = ('supervised_imagenet21k', 'ddep_pretrain', 'cityscapes', 'pascal_context',
                  'ade20k')
@@ -466,6 +467,17 @@ def gcs_root():
 
 
 @pytest.fixture
+def data_on_ram(data):
+  """`data` with its prepared TFDS data_dir copied to `ram://` (see tests/ram_filesystem.py).
+
+  tf.data reads the data through TensorFlow's GCS client on a pod, which cannot be pointed at
+  an emulator; `ram://` takes the same `tf.io.gfile` code path without a local directory.
+  """
+  with ram_filesystem.copy_on_ram(data['data_dir'], 'configs_tfds') as data_dir:
+    yield dict(data, data_dir=data_dir)
+
+
+@pytest.fixture
 def summaries_on_ram(monkeypatch):
   """TensorBoard summaries of `gs://` work directories go to the same path on `ram://`.
 
@@ -514,17 +526,19 @@ def _subset_ids(workdir):
 
 
 def test_three_stages_evaluate_and_collect_results_with_every_path_on_gcs(
-    data, gcs_root, summaries_on_ram):
+    data_on_ram, gcs_root, summaries_on_ram):
   """Supervised encoder -> DDeP -> Cityscapes -> evaluate -> collect_results, all on gs://.
 
   Work directories, checkpoints (Orbax: TensorStore and etils.epath), `init_from`, results and
-  tables live on the GCS emulator; TensorBoard summaries on `ram://` (see `summaries_on_ram`);
-  the TFDS data stays local: tf.data reads it through TensorFlow's GCS client too.
+  tables live on the GCS emulator. What TensorFlow's GCS client would carry is on `ram://`
+  instead: TensorBoard summaries (see `summaries_on_ram`) and the TFDS data, which TFDS and
+  tf.data read from there (see `data_on_ram`).
   """
   # Stage 1: the supervised encoder on ImageNet-21k.
   config, supervised_dir, results, supervised = _run(
-      'supervised_imagenet21k', f'dataset={IMAGENET}', data, f'{gcs_root}/supervised')
+      'supervised_imagenet21k', f'dataset={IMAGENET}', data_on_ram, f'{gcs_root}/supervised')
   assert (config.task, config.num_classes) == ('classify', 3)
+  assert config.input.data_dir == data_on_ram['data_dir'] and 'ram://' in config.input.data_dir
   assert results['num_examples'] == 2  # The held-out train[:2].
   assert 0.0 <= results['top1'] <= 1.0 and np.isfinite(results['loss'])
   assert supervised['head/pre_logits/kernel'].shape == (32, 32)  # Tiny hidden size.
@@ -532,7 +546,7 @@ def test_three_stages_evaluate_and_collect_results_with_every_path_on_gcs(
 
   # Stage 2: DDeP from that run's encoder, which stays frozen.
   config, ddep_dir, results, ddep = _run(
-      'ddep_pretrain', f'dataset={IMAGENET},encoder_ckpt={supervised_dir}', data,
+      'ddep_pretrain', f'dataset={IMAGENET},encoder_ckpt={supervised_dir}', data_on_ram,
       f'{gcs_root}/ddep')
   assert config.task == 'denoise' and config.init_from.checkpoint == supervised_dir
   assert results['psnr_input'] > 0 and np.isfinite(results['loss'])
@@ -543,7 +557,7 @@ def test_three_stages_evaluate_and_collect_results_with_every_path_on_gcs(
 
   # Stage 3: Cityscapes from the DDeP run, on a labelled subset of 1 of the 2 train frames.
   config, workdir, results, tuned = _run(
-      'cityscapes', f'init=ddep,init_ckpt={ddep_dir},label_count=1,subset_seed=1', data,
+      'cityscapes', f'init=ddep,init_ckpt={ddep_dir},label_count=1,subset_seed=1', data_on_ram,
       f'{gcs_root}/cityscapes/ddep_1_1')
   assert _subset_ids(workdir)[0] in ('aachen_000000_000019', 'bochum_000000_000019')
   assert len(_subset_ids(workdir)) == 1

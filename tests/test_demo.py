@@ -281,6 +281,26 @@ def test_stage_configs_follow_the_paper():
   assert config_module.get_config('stage=supervised').input.data_dir == 'workdirs/demo/tfds'
 
 
+def test_gs_roots_stay_urls(tmp_path, monkeypatch):
+  """A gs:// root or data_dir reaches every derived path as a URL (no cwd, no os.path)."""
+  monkeypatch.chdir(tmp_path)
+  assert demo.demo_dirs('gs://b/x', None) == ('gs://b/x', 'gs://b/x/tfds')
+  assert demo.demo_dirs('gs://b/x', 'gs://b/data') == ('gs://b/x', 'gs://b/data')
+  assert demo.demo_dirs('w', 'd') == (str(tmp_path / 'w'), str(tmp_path / 'd'))
+  assert demo.demo_dirs('w', None) == (str(tmp_path / 'w'), str(tmp_path / 'w' / 'tfds'))
+  ddep = config_module.get_config('stage=ddep,root=gs://b/x')
+  assert ddep.input.data_dir == 'gs://b/x/tfds'
+  assert ddep.init_from.checkpoint == 'gs://b/x/pretrain/supervised'
+  finetune = config_module.get_config('stage=finetune,init=dep,root=gs://b/x')
+  assert finetune.init_from.checkpoint == 'gs://b/x/pretrain/dep'
+  runs = demo.plan_runs('gs://b/x', 'gs://b/data', smoke=True)
+  assert [r.workdir for r in runs[:3]] == [f'gs://b/x/pretrain/{s}'
+                                           for s in ('supervised', 'ddep', 'dep')]
+  assert all(r.workdir.startswith('gs://b/x/finetune/') for r in runs[3:])
+  assert all(demo.run_config(r).input.data_dir == 'gs://b/data' for r in runs)
+  assert not os.path.exists(tmp_path / 'gs:')
+
+
 def test_bad_arguments_are_clear_errors(tmp_path):
   with pytest.raises(ValueError, match=r"stage='pretrain': expected one of"):
     config_module.get_config('stage=pretrain')

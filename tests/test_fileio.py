@@ -21,6 +21,12 @@ def test_local_paths(tmp_path):
   assert fileio.read_json(path) == {'a': [1, 2], 'b': 1}
   assert fileio.glob(str(tmp_path / '*')) == [str(tmp_path / 'a')]
   assert fileio.isdir(str(tmp_path / 'a')) and not fileio.exists(str(tmp_path / 'b'))
+  assert fileio.isfile(path) and not fileio.isfile(str(tmp_path / 'a'))
+  fileio.write_bytes(str(tmp_path / 'a' / 'b' / 'c.png'), b'png')
+  assert not os.path.exists(str(tmp_path / 'a' / 'b' / 'c.png.tmp'))
+  assert fileio.glob(str(tmp_path / '**' / '*.png'), recursive=True) == [
+      str(tmp_path / 'a' / 'b' / 'c.png')]
+  assert fileio.abspath('run') == os.path.abspath('run')
 
 
 def test_invalid_json_names_the_file(tmp_path):
@@ -43,6 +49,11 @@ def test_remote_paths(tmp_path):
   assert fileio.glob(f'ram://{tmp_path.name}/*') == [f'ram://{tmp_path.name}/x']
   assert fileio.isdir(f'ram://{tmp_path.name}/x')
   assert not fileio.exists(f'ram://{tmp_path.name}/y')
+  assert fileio.isfile(f'ram://{tmp_path.name}/x/results/val.json')
+  assert not fileio.isfile(f'ram://{tmp_path.name}/x')
+  assert fileio.abspath(root) == root
+  assert fileio.dirname(f'ram://{tmp_path.name}/x/') == f'ram://{tmp_path.name}'
+  assert fileio.dirname('gs://bucket') == 'gs://bucket'  # The root is its own parent, as '/'.
 
 
 def test_sweep_and_collector_on_remote_workdirs(tmp_path):

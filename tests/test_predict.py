@@ -1,5 +1,6 @@
 """`ddep_jax.predict` on image files written here, from a tiny segmentation checkpoint."""
 
+import io
 import os
 import sys
 
@@ -12,6 +13,7 @@ import tensorflow as tf
 
 from ddep_jax import checkpoints
 from ddep_jax import evaluate
+from ddep_jax import fileio
 from ddep_jax import inference
 from ddep_jax import initialization
 from ddep_jax import predict as predict_lib
@@ -19,6 +21,7 @@ from ddep_jax import sharding
 from ddep_jax import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gcs_emulator  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tiny_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -144,6 +147,40 @@ def test_predict_files_writes_keeps_and_reports(run, tmp_path):
   again = predict_lib.predict_files(workdir, str(images), str(out))
   assert len(again['skipped']) == 3 and not again['written'] and len(again['failed']) == 1
   assert os.path.getmtime(out / 'rgb_labels.png') == before
+
+
+def test_predict_files_with_every_path_on_gcs(run, tmp_path, monkeypatch):
+  """Checkpoint, config.json, images and outputs on gs:// (an emulator): the local run's labels,
+  and no local `gs:` directory (an `os.path` call on a URL makes one relative to the cwd)."""
+  workdir, config, params = run
+  monkeypatch.chdir(tmp_path)
+  images = {'a': _image(37, 53, 4), 'b': _image(37, 53, 5)}  # The size the tests above compiled.
+  local_images = tmp_path / 'images'
+  local_images.mkdir()
+  for stem, image in images.items():
+    Image.fromarray(image).save(local_images / f'{stem}.png')
+  local = predict_lib.predict_files(workdir, str(local_images), str(tmp_path / 'out'))
+  assert len(local['written']) == 2
+
+  with gcs_emulator.running() as environment, gcs_emulator.patched_environ(environment):
+    root = f'gs://{gcs_emulator.BUCKET}/predict'
+    _save_run(f'{root}/run', _config())  # The fixture's parameters (same seed).
+    for stem in images:
+      fileio.write_bytes(f'{root}/images/{stem}.png', (local_images / f'{stem}.png').read_bytes())
+    # config.json is found two levels up, next to checkpoints/.
+    report = predict_lib.predict_files(f'{root}/run/checkpoints/4', f'{root}/images/*.png',
+                                       f'{root}/out')
+    assert report == {'written': [f'{root}/images/a.png', f'{root}/images/b.png'],
+                      'skipped': [], 'failed': []}
+    assert fileio.listdir(f'{root}/out') == sorted(os.listdir(tmp_path / 'out'))
+    for name in os.listdir(tmp_path / 'out'):
+      remote = np.asarray(Image.open(io.BytesIO(fileio.read_bytes(f'{root}/out/{name}'))))
+      np.testing.assert_array_equal(remote, np.asarray(Image.open(tmp_path / 'out' / name)))
+    again = predict_lib.predict_files(f'{root}/run', f'{root}/images', f'{root}/out')
+    assert len(again['skipped']) == 2 and not again['written']
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'out' / 'a_labels.png')),
+                                predict_lib.predict(params, config, images['a']))
+  assert not os.path.exists(tmp_path / 'gs:')
 
 
 def test_errors_name_the_file(run, tmp_path):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import sys
 
 import ml_collections
 import numpy as np
@@ -12,6 +13,9 @@ from ddep_jax.data import datasets
 from ddep_jax.data import input_pipeline
 from ddep_jax.data import reading
 from ddep_jax.data import subsets
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ram_filesystem  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CITYSCAPES_TRAIN_TO_RAW = {v: k for k, v in datasets.CITYSCAPES_LABEL_ID_TO_TRAIN_ID.items()}
 
@@ -314,6 +318,56 @@ def test_bad_inputs_get_clear_errors(scenes, tmp_path):
   with pytest.raises(datasets.DatasetNotPreparedError, match=str(tmp_path)):
     input_pipeline.get_train_dataset(_train_config(scenes, data_dir=str(tmp_path)), 'segment',
                                      seed=0, process_index=0, process_count=1)
+
+
+def _batches_and_info(scenes, data_dir, workdir):
+  """What the trainer and the evaluator read from `data_dir`, and the subset ids in `workdir`.
+
+  Train steps on a labelled subset (whose ids process 0 writes to `workdir`), the same steps
+  read through that file as `split_file`, every eval batch, the dataset info and split sizes.
+  """
+  config = _train_config(scenes, data_dir=data_dir, label_count=9, subset_seed=4,
+                         shuffle_buffer=8)
+  subset = _take(input_pipeline.get_train_dataset(config, 'segment', seed=3, process_index=0,
+                                                  process_count=1, workdir=workdir), 4)
+  split_file = f'{workdir}/{input_pipeline.SUBSET_IDS_FILENAME}'
+  config = _train_config(scenes, data_dir=data_dir, split_file=split_file, shuffle_buffer=8)
+  imported = _take(input_pipeline.get_train_dataset(config, 'segment', seed=3, process_index=0,
+                                                    process_count=1), 4)
+  evaluated = list(input_pipeline.get_eval_dataset(_eval_config(scenes, data_dir=data_dir),
+                                                   'segment', process_index=0,
+                                                   process_count=1)[0])
+  info = input_pipeline.dataset_info('test_ade', data_dir)
+  sizes = (info.split_size('train[:50%]'),
+           input_pipeline.dataset_info('test_cityscapes', data_dir).train_size(config))
+  return subset + imported + evaluated, info, sizes
+
+
+def test_data_dir_and_split_files_on_a_non_local_file_system(scenes, tmp_path):
+  """The prepared data, the subset ids and the split file on `ram://`: what the local copy gives.
+
+  `ram://` goes through `tf.io.gfile` as `gs://` does on a pod (tests/ram_filesystem.py says
+  why not the GCS emulator), so equal batches mean no `os.path` or `open()` on the data_dir.
+  """
+  local = _batches_and_info(scenes, scenes.data_dir, str(tmp_path))
+  with ram_filesystem.copy_on_ram(scenes.data_dir, 'pipeline_tfds') as data_dir:
+    workdir = f'{data_dir}/runs/subset'  # Deleted with the data.
+    on_ram = _batches_and_info(scenes, data_dir, workdir)
+    source = reading.open_source('test_cityscapes', 'train', 'segment', data_dir)
+    assert os.fspath(source.builder.data_dir).startswith(f'{data_dir}/'), source.builder.data_dir
+    assert subsets.read_split_file(f'{workdir}/{input_pipeline.SUBSET_IDS_FILENAME}') == (
+        subsets.read_split_file(str(tmp_path / input_pipeline.SUBSET_IDS_FILENAME)))
+  local_batches, local_info, local_sizes = local
+  batches, info, sizes = on_ram
+  assert len(batches) == len(local_batches) == 4 + 4 + 2
+  for want, got in zip(local_batches, batches):
+    assert set(want) == set(got)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert info == local_info and info.splits == {'train': 12, 'validation': 7}
+  assert info.class_names == datasets.ADE20K_CLASSES
+  assert sizes == local_sizes == (6, 9)
+  assert not os.path.exists('ram:') and not os.path.exists(os.path.join(tmp_path, 'ram:'))
 
 
 def test_digit_scenes_through_the_project_builder(tmp_path, request):
