@@ -17,16 +17,20 @@ import ml_collections
 
 def check_fields(config, defaults: ml_collections.ConfigDict, where: str, owner: str, *,
                  exact: bool) -> None:
-  """Raises when `config` lacks a field of `defaults` or, if `exact`, has one they lack."""
+  """Raises when `config` has a field `defaults` lack (if `exact`) or lacks one of theirs.
+
+  An unknown field is reported first: a misspelt field is also a missing one, and its own
+  name is what the user has to fix.
+  """
+  unknown = sorted(k for k in config if k not in defaults) if exact else []
+  if unknown:
+    raise ValueError(f'{where} has unknown field(s) {unknown}; misspelt? Its fields are those '
+                     f'of {owner}: {sorted(defaults)}.')
   missing = sorted(k for k in defaults if k not in config)
   if missing:
     raise ValueError(f'{where} has no field(s) {missing}. Build it from {owner}, which holds '
                      'every field with its default (configs.common.get_base_config() does), '
                      'and set only what differs.')
-  unknown = sorted(k for k in config if k not in defaults) if exact else []
-  if unknown:
-    raise ValueError(f'{where} has unknown field(s) {unknown}; misspelt? Its fields are those '
-                     f'of {owner}: {sorted(defaults)}.')
 
 
 def fill(entry: Mapping, defaults: ml_collections.ConfigDict, where: str, owner: str) -> dict:
