@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from ddep_jax import evaluate
+from ddep_jax import initialization
 from ddep_jax import models
 from ddep_jax import objectives
 from ddep_jax import optimizer
@@ -62,26 +64,20 @@ def _parse_value(text: str, default: Any, key: str) -> Any:
   return value
 
 
-def eval_config(dataset: str, split: str, *, batch_size: int, mode: str = 'whole',
-                scales=(1.0,), flip: bool = False, crop_size=None, stride=None,
-                every_steps: int | None = None, **input_overrides) -> ml_collections.ConfigDict:
-  """One entry of `config.evals`: the eval input plus the inference protocol.
+def eval_config(dataset: str, split: str, *, batch_size: int,
+                **fields) -> ml_collections.ConfigDict:
+  """One entry of `config.evals`: `evaluate.default_eval_config()` with `fields` set.
 
-  Protocol fields (see `ddep_jax.inference`): `mode` ('whole' | 'sliding'), `scales`, `flip`,
-  `crop_size`, `stride`; `every_steps` (None: only the final evaluation).
+  `fields` are eval input fields (`resize`, `data_dir`, ...) and the inference protocol:
+  `mode` ('whole' | 'sliding'), `scales`, `flip`, `crop_size`, `stride`, and `every_steps`
+  (None: only the final evaluation). A misspelt one is an error (the default is locked).
   """
-  c = input_pipeline.default_eval_config()
+  c = evaluate.default_eval_config()
   c.dataset = dataset
   c.split = split
   c.batch_size = batch_size
-  for k, v in input_overrides.items():
-    c[k] = v
-  c.mode = mode
-  c.scales = tuple(scales)
-  c.flip = flip
-  c.crop_size = crop_size
-  c.stride = stride
-  c.every_steps = every_steps
+  for key, value in fields.items():
+    c[key] = value
   return c
 
 
@@ -99,6 +95,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.update(optimizer.default_config())    # optimizer, lr, wd, ..., schedule
   config.update(sharding.default_config())     # mesh, sharding_rules, distributed
   config.update(performance.default_config())  # peak_tflops_per_device (for train/mfu)
+  # Stage chaining: parameters from a previous stage or pretrained weights (initialization.py).
+  config.update(initialization.default_config())  # init_from
 
   config.total_steps = 0     # Set exactly one of total_steps / total_epochs.
   config.total_epochs = 0.0
@@ -106,14 +104,4 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
 
-  # Stage chaining: parameters from a previous stage (see ddep_jax/train.py).
-  config.init_from = ml_collections.ConfigDict(dict(
-      checkpoint='',        # A previous run's workdir / checkpoints dir / checkpoints/<step>.
-      step=-1,              # -1: its latest checkpoint.
-      params=('encoder/.*', 'decoder/.*'),
-      # The encoder's pretrained weights: a vision_transformer .npz, a timm .safetensors / .pth /
-      # .bin, or hf-hub:timm/<name> (README, "Pretrained encoders").
-      npz='',
-      npz_drop_head=True,   # Keep the randomly initialised head (different classes).
-  ))
   return config
