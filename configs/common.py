@@ -1,8 +1,8 @@
 """Shared pieces of every experiment config.
 
-`get_base_config()` assembles the full config from the defaults each module owns (model, input,
-objectives, optimizer, sharding) plus the loop's own fields; experiment files start from it and
-change what their experiment changes. `parse_arg` reads the `:k=v,...` argument of a config file
+`get_base_config()` assembles the full config from the defaults each module owns (model,
+input, objectives, optimizer, sharding, initialization, the train step and the loop): it sets no
+default of its own. Experiment files start from it and change what their experiment changes. `parse_arg` reads the `:k=v,...` argument of a config file
 (big_vision style), so `configs/x.py:init=ddep,runlocal=True` picks a variant.
 """
 
@@ -18,6 +18,8 @@ from ddep_jax import objectives
 from ddep_jax import optimizer
 from ddep_jax import performance
 from ddep_jax import sharding
+from ddep_jax import train
+from ddep_jax import train_step
 from ddep_jax.data import input_pipeline
 
 
@@ -83,25 +85,13 @@ def eval_config(dataset: str, split: str, *, batch_size: int,
 
 def get_base_config() -> ml_collections.ConfigDict:
   """Every field a run has, with defaults; experiment configs override them."""
-  config = ml_collections.ConfigDict()
-  config.task = 'denoise'  # 'classify' | 'denoise' | 'segment'
-  config.seed = 0
-  config.num_classes = 0  # Classes of the segmentation / classification head (0: not used).
-
+  config = train_step.default_config()           # task, seed
   config.model = models.default_config()
   config.input = input_pipeline.default_config()
-  config.evals = ml_collections.ConfigDict()
-  config.update(objectives.default_config())   # denoising, classification_loss
-  config.update(optimizer.default_config())    # optimizer, lr, wd, ..., schedule
-  config.update(sharding.default_config())     # mesh, sharding_rules, distributed
-  config.update(performance.default_config())  # peak_tflops_per_device (for train/mfu)
-  # Stage chaining: parameters from a previous stage or pretrained weights (initialization.py).
-  config.update(initialization.default_config())  # init_from
-
-  config.total_steps = 0     # Set exactly one of total_steps / total_epochs.
-  config.total_epochs = 0.0
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 1000
-  config.keep_checkpoints = 3
-
+  config.update(objectives.default_config())      # denoising, classification_loss, class_weights
+  config.update(optimizer.default_config())       # optimizer, lr, wd, ..., schedule
+  config.update(sharding.default_config())        # mesh, sharding_rules, distributed
+  config.update(performance.default_config())     # peak_tflops_per_device (for train/mfu)
+  config.update(initialization.default_config())  # init_from (stage chaining, pretrained weights)
+  config.update(train.default_config())           # num_classes, evals, total_steps, ...
   return config

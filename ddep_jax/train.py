@@ -35,6 +35,19 @@ from ddep_jax import workdir_lock
 from ddep_jax.data import input_pipeline
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """Fields owned by the loop: the head's classes, the evaluations, the run's length and cadence."""
+  return ml_collections.ConfigDict(dict(
+      num_classes=0,  # Classes of the segmentation / classification head (0: not used).
+      evals=ml_collections.ConfigDict(),  # name -> entry (evaluate.default_eval_config()).
+      total_steps=0,  # Set exactly one of total_steps / total_epochs.
+      total_epochs=0.0,
+      log_every_steps=100,
+      checkpoint_every_steps=1000,
+      keep_checkpoints=3,
+  ))
+
+
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN / inf loss; the last good checkpoint is left untouched."""
 
