@@ -1,9 +1,10 @@
 """Shared pieces of every experiment config.
 
 `get_base_config()` assembles the full config from the defaults each module owns (model,
-input, objectives, optimizer, sharding, initialization, the train step and the loop): it sets no
-default of its own. Experiment files start from it and change what their experiment changes. `parse_arg` reads the `:k=v,...` argument of a config file
-(big_vision style), so `configs/x.py:init=ddep,runlocal=True` picks a variant.
+input, objectives, optimizer, sharding, initialization, the train step and the loop): it sets
+no default of its own. Experiment files start from it and change what their experiment
+changes. `parse_arg` reads the `:k=v,...` argument of a config file (big_vision style), so
+`configs/x.py:init=ddep,runlocal=True` picks a variant.
 """
 
 import ast

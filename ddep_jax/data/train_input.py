@@ -64,8 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _check(input_config) -> None:
-  config_fields.check_fields(input_config, default_config(), 'The train input config (config.input)',
-                       'ddep_jax.data.input_pipeline.default_config()', exact=True)
+  config_fields.check_fields(input_config, default_config(),
+                             'The train input config (config.input)',
+                             'ddep_jax.data.input_pipeline.default_config()', exact=True)
 
 
 def train_crop_size(input_config, task: str) -> tuple[int, int]:
