@@ -29,8 +29,8 @@ def check_fields(config, defaults: ml_collections.ConfigDict, where: str, owner:
   missing = sorted(k for k in defaults if k not in config)
   if missing:
     raise ValueError(f'{where} has no field(s) {missing}. Build it from {owner}, which holds '
-                     'every field with its default (configs.common.get_base_config() does), '
-                     'and set only what differs.')
+                     'every field with its default (configs.common starts from it), and set '
+                     'only what differs.')
 
 
 def fill(entry: Mapping, defaults: ml_collections.ConfigDict, where: str, owner: str) -> dict:
