@@ -1,9 +1,10 @@
 """Shared pieces of every experiment config.
 
-`get_base_config()` assembles the full config from the defaults each module owns (model, input,
-objectives, optimizer, sharding) plus the loop's own fields; experiment files start from it and
-change what their experiment changes. `parse_arg` reads the `:k=v,...` argument of a config file
-(big_vision style), so `configs/x.py:init=ddep,runlocal=True` picks a variant.
+`get_base_config()` assembles the full config from the defaults each module owns (model,
+input, objectives, optimizer, sharding, initialization, the train step and the loop): it sets
+no default of its own. Experiment files start from it and change what their experiment
+changes. `parse_arg` reads the `:k=v,...` argument of a config file (big_vision style), so
+`configs/x.py:init=ddep,runlocal=True` picks a variant.
 """
 
 import ast
@@ -11,11 +12,15 @@ from typing import Any
 
 import ml_collections
 
+from ddep_jax import evaluate
+from ddep_jax import initialization
 from ddep_jax import models
 from ddep_jax import objectives
 from ddep_jax import optimizer
 from ddep_jax import performance
 from ddep_jax import sharding
+from ddep_jax import train
+from ddep_jax import train_step
 from ddep_jax.data import input_pipeline
 
 
@@ -62,58 +67,32 @@ def _parse_value(text: str, default: Any, key: str) -> Any:
   return value
 
 
-def eval_config(dataset: str, split: str, *, batch_size: int, mode: str = 'whole',
-                scales=(1.0,), flip: bool = False, crop_size=None, stride=None,
-                every_steps: int | None = None, **input_overrides) -> ml_collections.ConfigDict:
-  """One entry of `config.evals`: the eval input plus the inference protocol.
+def eval_config(dataset: str, split: str, *, batch_size: int,
+                **fields) -> ml_collections.ConfigDict:
+  """One entry of `config.evals`: `evaluate.default_eval_config()` with `fields` set.
 
-  Protocol fields (see `ddep_jax.inference`): `mode` ('whole' | 'sliding'), `scales`, `flip`,
-  `crop_size`, `stride`; `every_steps` (None: only the final evaluation).
+  `fields` are eval input fields (`resize`, `data_dir`, ...) and the inference protocol:
+  `mode` ('whole' | 'sliding'), `scales`, `flip`, `crop_size`, `stride`, and `every_steps`
+  (None: only the final evaluation). A misspelt one is an error (the default is locked).
   """
-  c = input_pipeline.default_eval_config()
+  c = evaluate.default_eval_config()
   c.dataset = dataset
   c.split = split
   c.batch_size = batch_size
-  for k, v in input_overrides.items():
-    c[k] = v
-  c.mode = mode
-  c.scales = tuple(scales)
-  c.flip = flip
-  c.crop_size = crop_size
-  c.stride = stride
-  c.every_steps = every_steps
+  for key, value in fields.items():
+    c[key] = value
   return c
 
 
 def get_base_config() -> ml_collections.ConfigDict:
   """Every field a run has, with defaults; experiment configs override them."""
-  config = ml_collections.ConfigDict()
-  config.task = 'denoise'  # 'classify' | 'denoise' | 'segment'
-  config.seed = 0
-  config.num_classes = 0  # Classes of the segmentation / classification head (0: not used).
-
+  config = train_step.default_config()           # task, seed
   config.model = models.default_config()
   config.input = input_pipeline.default_config()
-  config.evals = ml_collections.ConfigDict()
-  config.update(objectives.default_config())   # denoising, classification_loss
-  config.update(optimizer.default_config())    # optimizer, lr, wd, ..., schedule
-  config.update(sharding.default_config())     # mesh, sharding_rules, distributed
-  config.update(performance.default_config())  # peak_tflops_per_device (for train/mfu)
-
-  config.total_steps = 0     # Set exactly one of total_steps / total_epochs.
-  config.total_epochs = 0.0
-  config.log_every_steps = 100
-  config.checkpoint_every_steps = 1000
-  config.keep_checkpoints = 3
-
-  # Stage chaining: parameters from a previous stage (see ddep_jax/train.py).
-  config.init_from = ml_collections.ConfigDict(dict(
-      checkpoint='',        # A previous run's workdir / checkpoints dir / checkpoints/<step>.
-      step=-1,              # -1: its latest checkpoint.
-      params=('encoder/.*', 'decoder/.*'),
-      # The encoder's pretrained weights: a vision_transformer .npz, a timm .safetensors / .pth /
-      # .bin, or hf-hub:timm/<name> (README, "Pretrained encoders").
-      npz='',
-      npz_drop_head=True,   # Keep the randomly initialised head (different classes).
-  ))
+  config.update(objectives.default_config())      # denoising, classification_loss, class_weights
+  config.update(optimizer.default_config())       # optimizer, lr, wd, ..., schedule
+  config.update(sharding.default_config())        # mesh, sharding_rules, distributed
+  config.update(performance.default_config())     # peak_tflops_per_device (for train/mfu)
+  config.update(initialization.default_config())  # init_from (stage chaining, pretrained weights)
+  config.update(train.default_config())           # num_classes, evals, total_steps, ...
   return config

@@ -27,10 +27,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+import ml_collections
+from ml_collections import config_dict
 from ml_collections import config_flags
 import numpy as np
 
 from ddep_jax import checkpoints
+from ddep_jax import config_fields
 from ddep_jax import fileio
 from ddep_jax import inference
 from ddep_jax import initialization
@@ -61,13 +64,46 @@ def _to_unit_range(images) -> np.ndarray:
   return np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
+def default_eval_config() -> ml_collections.ConfigDict:
+  """One entry of `config.evals`, locked: its eval input and how it is evaluated.
+
+  The input fields are `input_pipeline.default_eval_config()`'s. The inference protocol
+  (`ddep_jax.inference`): `mode` ('whole' | 'sliding'), `scales`, `flip`, `crop_size` and
+  `stride` (of the sliding window); `every_steps` between evaluations during training (None:
+  only the final one).
+  """
+  c = input_pipeline.default_eval_config()
+  c.mode = 'whole'
+  c.scales = (1.0,)
+  c.flip = False
+  c.crop_size = config_dict.placeholder(tuple)
+  c.stride = config_dict.placeholder(tuple)
+  c.every_steps = config_dict.placeholder(int)
+  c.lock()
+  return c
+
+
+def eval_config_of(entry, name: str) -> ml_collections.ConfigDict:
+  """`config.evals.<name>` with every field: the protocol fields it omits from
+  `default_eval_config()`; the input fields it must hold (as the eval input requires)."""
+  where, owner = f'config.evals.{name}', 'ddep_jax.evaluate.default_eval_config()'
+  config_fields.check_fields(entry, input_pipeline.default_eval_config(), where, owner,
+                             exact=False)
+  return ml_collections.ConfigDict(config_fields.fill(entry, default_eval_config(), where, owner))
+
+
+def eval_configs(config) -> dict[str, ml_collections.ConfigDict]:
+  """Every entry of `config.evals` by name, each through `eval_config_of`."""
+  return {name: eval_config_of(entry, name) for name, entry in sorted(config.evals.items())}
+
+
 class Evaluator:
   """One named evaluation (`config.evals.<name>`): dataset, protocol and metrics."""
 
   def __init__(self, name: str, config, eval_config, model, mesh):
     self.name = name
     self.config = config
-    self.eval_config = eval_config
+    self.eval_config = eval_config = eval_config_of(eval_config, name)
     self.model = model
     self.mesh = mesh
     self.task = config.task
@@ -184,7 +220,7 @@ class Evaluator:
     results: dict[str, Any] = {'dataset': self.eval_config.dataset,
                                'split': self.eval_config.split}
     if self.task == 'segment':
-      info = input_pipeline.dataset_info(self.eval_config.dataset, self.eval_config.get('data_dir'))
+      info = input_pipeline.dataset_info(self.eval_config.dataset, self.eval_config.data_dir)
       class_names = info.get('class_names') if isinstance(info, Mapping) else getattr(
           info, 'class_names', None)
       if class_names is not None and len(class_names) != self.config.num_classes:
@@ -246,7 +282,7 @@ def sharding_size_divisor(config) -> int:
 
 def make_evaluators(config, model, mesh) -> list[Evaluator]:
   return [Evaluator(name, config, eval_config, model, mesh)
-          for name, eval_config in sorted(config.evals.items())]
+          for name, eval_config in eval_configs(config).items()]
 
 
 def write_results(workdir: str, name: str, results: Mapping, *, step: int, final: bool) -> str:

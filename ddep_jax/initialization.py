@@ -20,15 +20,39 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 from jax.experimental import multihost_utils
+import ml_collections
 import numpy as np
 
 from ddep_jax import checkpoints
+from ddep_jax import config_fields
 from ddep_jax import models
 from ddep_jax import parameters
 from ddep_jax import sharding
 from ddep_jax import train_step as train_step_lib
 from ddep_jax.data import input_pipeline
 from ddep_jax.models import pretrained
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Fields owned by this module: `init_from`, where a fresh run's parameters come from."""
+  return ml_collections.ConfigDict(dict(init_from=dict(
+      checkpoint='',        # A previous run's workdir / checkpoints dir / checkpoints/<step>.
+      step=-1,              # -1: its latest checkpoint.
+      params=('encoder/.*', 'decoder/.*'),  # Path regexes of the parameters taken from it.
+      # The encoder's pretrained weights: a vision_transformer .npz, a timm .safetensors / .pth /
+      # .bin, or hf-hub:timm/<name> (README, "Pretrained encoders").
+      npz='',
+      npz_drop_head=True,   # Keep the randomly initialised head (different classes).
+  )))
+
+
+def check_init_from(init_from) -> None:
+  """Fails, naming the field, unless `config.init_from` has exactly the fields of the default,
+  and sets at most one of `checkpoint` and `npz`."""
+  config_fields.check_fields(init_from, default_config().init_from, 'config.init_from',
+                             'ddep_jax.initialization.default_config()', exact=True)
+  if init_from.checkpoint and init_from.npz:
+    raise ValueError('config.init_from: set checkpoint or npz, not both.')
 
 
 def build_model_for(config):
@@ -76,10 +100,11 @@ def put(tree, shardings):
 def initial_params(config, state) -> tuple[Any, str]:
   """Applies init_from to freshly initialised state params; returns (params, description)."""
   init_from = config.init_from
+  check_init_from(init_from)
   params = state['params']
   shardings = jax.tree.map(lambda x: x.sharding, params)
-  if init_from.get('checkpoint'):
-    step = init_from.get('step', -1)
+  if init_from.checkpoint:
+    step = init_from.step
     loaded, step = checkpoints.load_params(init_from.checkpoint, step if step >= 0 else None)
     if config.model.name == 'transunet':
       # Stages run at different resolutions (DDeP at 224, fine-tuning on 512 or 1024 crops).
@@ -92,7 +117,7 @@ def initial_params(config, state) -> tuple[Any, str]:
     carried = parameters.matching_paths(params, tuple(init_from.params))
     return put(merged, shardings), (f'{len(carried)} parameters from {init_from.checkpoint} '
                                     f'(step {step}) matching {list(init_from.params)}')
-  if init_from.get('npz'):
+  if init_from.npz:
     merged = pretrained.load_pretrained(host_copy(params), init_from.npz, config.model,
                                         drop_head=init_from.npz_drop_head,
                                         image_size=image_shape(config)[1:3])

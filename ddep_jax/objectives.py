@@ -31,6 +31,7 @@ import ml_collections
 from ml_collections import config_dict
 import optax
 
+from ddep_jax import config_fields
 from ddep_jax import constants
 
 NOISE_TYPES = ('scaled', 'simple')
@@ -86,26 +87,31 @@ def noise_std_from_gamma(gamma):
 
 
 def check_denoising_config(denoising: Mapping) -> None:
-  """Raises ValueError with an actionable message if `config.denoising` is inconsistent."""
+  """Raises ValueError with an actionable message if `config.denoising` is inconsistent.
+
+  Its fields are exactly those of `default_config().denoising`: a misspelt one is an error.
+  """
   where = 'config.denoising'
-  if denoising.get('noise_type') not in NOISE_TYPES:
-    raise ValueError(f'{where}.noise_type={denoising.get("noise_type")!r}: expected one of '
+  config_fields.check_fields(denoising, default_config().denoising, where,
+                             'ddep_jax.objectives.default_config()', exact=True)
+  if denoising['noise_type'] not in NOISE_TYPES:
+    raise ValueError(f'{where}.noise_type={denoising["noise_type"]!r}: expected one of '
                      f'{NOISE_TYPES} (scaled = Eq. 5/6, simple = Eq. 1).')
-  if denoising.get('predict_target') not in PREDICT_TARGETS:
-    raise ValueError(f'{where}.predict_target={denoising.get("predict_target")!r}: expected one '
+  if denoising['predict_target'] not in PREDICT_TARGETS:
+    raise ValueError(f'{where}.predict_target={denoising["predict_target"]!r}: expected one '
                      f'of {PREDICT_TARGETS} (noise = Eq. 3/6, image = Eq. 2).')
-  given = [k for k in ('noise_std', 'gamma', 'gamma_range') if denoising.get(k) is not None]
+  given = [k for k in ('noise_std', 'gamma', 'gamma_range') if denoising[k] is not None]
   if len(given) != 1:
     raise ValueError(
         f'{where}: set exactly one of noise_std, gamma, gamma_range (got {given or "none"}). '
         'For example noise_std=0.22, or noise_std=None and gamma=0.95, or noise_std=None and '
         'gamma_range=(0.9, 0.95).')
-  if denoising.get('noise_std') is not None and not denoising['noise_std'] >= 0:
+  if denoising['noise_std'] is not None and not denoising['noise_std'] >= 0:
     raise ValueError(f'{where}.noise_std={denoising["noise_std"]} must be >= 0.')
-  if denoising.get('gamma') is not None and not 0 < denoising['gamma'] <= 1:
+  if denoising['gamma'] is not None and not 0 < denoising['gamma'] <= 1:
     raise ValueError(f'{where}.gamma={denoising["gamma"]} must lie in (0, 1] '
                      '(1 = no noise; Eq. 5: gamma = 1 / (1 + sigma**2)).')
-  if denoising.get('gamma_range') is not None:
+  if denoising['gamma_range'] is not None:
     gamma_range = tuple(denoising['gamma_range'])
     if len(gamma_range) != 2 or not 0 < gamma_range[0] <= gamma_range[1] <= 1:
       raise ValueError(f'{where}.gamma_range={gamma_range} must be (a, b) with 0 < a <= b <= 1, '
@@ -114,10 +120,10 @@ def check_denoising_config(denoising: Mapping) -> None:
 
 def sample_gamma(key: jax.Array, denoising: Mapping) -> jax.Array:
   """The noise level gamma of one example: fixed, or drawn from U(a, b) (Table 4)."""
-  if denoising.get('gamma_range') is not None:
+  if denoising['gamma_range'] is not None:
     low, high = denoising['gamma_range']
     return jax.random.uniform(key, (), jnp.float32, low, high)
-  if denoising.get('gamma') is not None:
+  if denoising['gamma'] is not None:
     return jnp.asarray(denoising['gamma'], jnp.float32)
   return jnp.asarray(gamma_from_noise_std(denoising['noise_std']), jnp.float32)
 

@@ -33,9 +33,10 @@ import ml_collections
 from ml_collections import config_dict
 import optax
 
+from ddep_jax import config_fields
+
 OPTIMIZERS = ('adam', 'adamw')
 DECAY_TYPES = ('cosine', 'linear', 'constant')
-SCHEDULE_KEYS = ('decay_type', 'warmup_steps', 'mult', 'end_mult')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -53,6 +54,18 @@ def default_config() -> ml_collections.ConfigDict:
       grad_clip_norm=config_dict.placeholder(float),  # None: no clipping.
       schedule=(('.*', dict(decay_type='cosine', warmup_steps=0)),),
   ))
+
+
+def default_schedule() -> ml_collections.ConfigDict:
+  """One schedule entry (a `config.schedule` dict), locked: the defaults of the keys it omits.
+
+  `decay_type` ('cosine', 'linear' or 'constant'); `warmup_steps` of linear warm-up from 0;
+  `mult`, a per-group factor on the learning rate; `end_mult`, the factor reached at
+  `total_steps`.
+  """
+  c = ml_collections.ConfigDict(dict(decay_type='cosine', warmup_steps=0, mult=1.0, end_mult=0.0))
+  c.lock()
+  return c
 
 
 class Optimizer(NamedTuple):
@@ -159,20 +172,19 @@ def _as_rule_list(schedule) -> list:
 # ------------------------------------------------------------------------------------------------
 
 
-def make_schedule(schedule: dict, total_steps: int) -> optax.Schedule:
+def make_schedule(schedule: dict, total_steps: int,
+                  where: str = 'A config.schedule entry') -> optax.Schedule:
   """step -> factor: linear warm-up from 0 to `mult`, then cosine / linear decay or constant.
 
-  Keys: `decay_type` ('cosine' default, 'linear', 'constant'), `warmup_steps` (0),
-  `mult` (1.0, a per-group lr factor), `end_mult` (0.0: the factor reached at `total_steps`).
+  `schedule` holds some of the keys of `default_schedule()`, which gives the others; `where`
+  names it in errors.
   """
-  schedule = dict(schedule)
-  unknown = sorted(set(schedule) - set(SCHEDULE_KEYS))
-  if unknown:
-    raise ValueError(f'config.schedule: unknown key(s) {unknown}; known: {SCHEDULE_KEYS}.')
-  decay_type = schedule.get('decay_type', 'cosine')
-  warmup_steps = int(schedule.get('warmup_steps', 0))
-  mult = float(schedule.get('mult', 1.0))
-  end_mult = float(schedule.get('end_mult', 0.0))
+  schedule = config_fields.fill(schedule, default_schedule(), where,
+                                'ddep_jax.optimizer.default_schedule()')
+  decay_type = schedule['decay_type']
+  warmup_steps = int(schedule['warmup_steps'])
+  mult = float(schedule['mult'])
+  end_mult = float(schedule['end_mult'])
   if decay_type not in DECAY_TYPES:
     raise ValueError(f'config.schedule decay_type={decay_type!r}: expected one of {DECAY_TYPES}.')
   if not total_steps or total_steps <= 0:
@@ -214,7 +226,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
   opt = config.optimizer
   if opt.name not in OPTIMIZERS:
     raise ValueError(f'config.optimizer.name={opt.name!r}: expected one of {OPTIMIZERS}.')
-  total_steps = total_steps if total_steps is not None else config.get('total_steps')
+  total_steps = total_steps if total_steps is not None else config.total_steps
   if config.lr is None or config.lr <= 0:
     raise ValueError(f'config.lr={config.lr} must be > 0; freeze parameters with a None schedule.')
 
@@ -227,13 +239,17 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
   if not any(jax.tree.leaves(trainable)):
     raise ValueError('config.schedule freezes every parameter: nothing would train.')
   groups = [i for i, (_, sched) in enumerate(rules) if sched is not None]
-  schedule_fns = tuple(make_schedule(rules[i][1], total_steps) for i in groups)
+  listed = isinstance(config.schedule, (tuple, list))
+  schedule_fns = tuple(
+      make_schedule(rules[i][1], total_steps,
+                    f'config.schedule[{i}] ({rules[i][0]!r}, ...)' if listed else 'config.schedule')
+      for i in groups)
   schedule_txs = [optax.masked(optax.scale_by_schedule(fn), group_masks[i])
                   for fn, i in zip(schedule_fns, groups)]
 
   # Per-group learning-rate multipliers; freezing is done by the schedule, not by a 0 multiplier.
   lr_txs = [optax.scale(config.lr)]
-  if config.get('lr_mults'):
+  if config.lr_mults:
     lr_indices = match_rules(params, config.lr_mults, 'lr_mults', require_all_matched=False)
     lr_masks = _masks(lr_indices, len(config.lr_mults))
     for k, (_, mult) in enumerate(config.lr_mults):
@@ -245,7 +261,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
   # Weight decay on the parameters picked by `wd_mults` (kernels by default), never on frozen ones.
   wd_txs = []
   if config.wd:
-    wd_mults = config.get('wd_mults') or (('.*/kernel$', 1.0),)
+    wd_mults = config.wd_mults
     wd_indices = match_rules(params, wd_mults, 'wd_mults', require_all_matched=False)
     for k, (_, mult) in enumerate(wd_mults):
       mask = jax.tree.map(lambda i, t, k=k: i == k and t, wd_indices, trainable)
@@ -256,7 +272,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
   # 'adam': coupled L2, the decay enters Adam's moments; 'adamw': decoupled, added after lr.
   coupled_wd, decoupled_wd = (wd_txs, []) if opt.name == 'adam' else ([], wd_txs)
   clip = (optax.masked(optax.clip_by_global_norm(config.grad_clip_norm), trainable)
-          if config.get('grad_clip_norm') else optax.identity())
+          if config.grad_clip_norm else optax.identity())
   tx = optax.chain(
       clip,
       *coupled_wd,

@@ -42,6 +42,7 @@ from PIL import ImageDraw
 import tqdm
 
 from ddep_jax import checkpoints
+from ddep_jax import evaluate
 from ddep_jax import fileio
 from ddep_jax import inference
 from ddep_jax import models
@@ -59,35 +60,33 @@ _CONVERTIBLE_MODES = ('L', 'LA', 'P', 'PA', 'RGBA', 'RGBa', 'CMYK', 'YCbCr', '1'
 @dataclasses.dataclass(frozen=True)
 class Protocol:
   """The inference protocol of one `config.evals` entry (see `ddep_jax.inference`)."""
-  mode: str = 'whole'
-  scales: tuple[float, ...] = (1.0,)
-  flip: bool = False
-  crop_size: Optional[tuple[int, int]] = None
-  stride: Optional[tuple[int, int]] = None
-  size_divisor: int = 16
+  mode: str
+  scales: tuple[float, ...]
+  flip: bool
+  crop_size: Optional[tuple[int, int]]
+  stride: Optional[tuple[int, int]]
+  size_divisor: int
   # The eval input's `resize` (None: own size; an int: short side; (h, w): fixed). The label
   # map is brought back to the image's size as MMSegmentation does: probabilities resized
   # bilinearly, then argmax.
-  resize: Any = None
+  resize: Any
 
 
 def protocol_of(config, eval_name: Optional[str] = None) -> Protocol:
-  """The protocol of `config.evals[eval_name]` (default: the first segmentation eval by name)."""
-  size_divisor = 32 if config.model.name == 'r50_unet' else 16
-  evals = dict(config.get('evals') or {})
-  if eval_name is None:
-    if not evals:
-      return Protocol(size_divisor=size_divisor)
-    eval_name = sorted(evals)[0]
-  if eval_name not in evals:
+  """The protocol of `config.evals[eval_name]` (default: the first by name; with no evals, that
+  of `evaluate.default_eval_config()`, the whole image at its own size)."""
+  evals = evaluate.eval_configs(config)
+  if eval_name is not None and eval_name not in evals:
     raise ValueError(f'config.evals has no {eval_name!r}; it has {sorted(evals)}.')
-  ec = evals[eval_name]
+  if eval_name is None:
+    ec = evals[sorted(evals)[0]] if evals else evaluate.default_eval_config()
+  else:
+    ec = evals[eval_name]
   pair = lambda v: (int(v[0]), int(v[1])) if v else None  # noqa: E731
-  resize = ec.get('resize')
-  return Protocol(mode=ec.get('mode', 'whole'), scales=tuple(float(s) for s in
-                                                             ec.get('scales', (1.0,))),
-                  flip=bool(ec.get('flip', False)), crop_size=pair(ec.get('crop_size')),
-                  stride=pair(ec.get('stride')), size_divisor=size_divisor,
+  resize = ec.resize
+  return Protocol(mode=ec.mode, scales=tuple(float(s) for s in ec.scales), flip=bool(ec.flip),
+                  crop_size=pair(ec.crop_size), stride=pair(ec.stride),
+                  size_divisor=evaluate.sharding_size_divisor(config),
                   resize=resize if resize is None or isinstance(resize, int) else pair(resize))
 
 
@@ -173,8 +172,11 @@ def load_run(checkpoint: str, config_path: Optional[str] = None):
   """Returns `(config, params, step)` of a segmentation run, with errors naming the files."""
   config_path = config_path or find_config(checkpoint)
   config = load_config(config_path)
-  if config.get('task') != 'segment':
-    raise ValueError(f'{config_path} is the config of a task={config.get("task")!r} run; '
+  if 'task' not in config:
+    raise ValueError(f'{config_path} has no field task: it is not the config.json of a run (the '
+                     'trainer writes one into the workdir).')
+  if config.task != 'segment':
+    raise ValueError(f'{config_path} is the config of a task={config.task!r} run; '
                      f'predict needs a segmentation run (task=segment), e.g. a fine-tuning '
                      f'stage. A denoising or classification checkpoint has no class head.')
   params, step = checkpoints.load_params(checkpoint)

@@ -55,10 +55,10 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
   coordinator settings None: JAX detects them. Elsewhere set `coordinator_address`
   ('host:port' of process 0), `num_processes` and `process_id` together.
   """
-  dist = config.get('distributed') or {}
-  if not dist.get('initialize'):
+  dist = config.distributed
+  if not dist.initialize:
     return False
-  explicit = {k: dist.get(k) for k in ('coordinator_address', 'num_processes', 'process_id')}
+  explicit = {k: dist[k] for k in ('coordinator_address', 'num_processes', 'process_id')}
   given = [k for k, v in explicit.items() if v is not None]
   if given and len(given) != len(explicit):
     missing = sorted(set(explicit) - set(given))
@@ -118,7 +118,7 @@ def check_batch_sizes(config: ml_collections.ConfigDict, device_count: int,
 
   problems = []
   batches = [('config.input.batch_size', int(config.input.batch_size))] if include_train else []
-  evals = config.get('evals') or {}
+  evals = config.evals
   batches += [(f'config.evals.{name}.batch_size', int(evals[name].batch_size))
                for name in sorted(evals)]
   for key, batch_size in batches:

@@ -35,6 +35,19 @@ from ddep_jax import workdir_lock
 from ddep_jax.data import input_pipeline
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """Fields owned by the loop: the head's classes, the evaluations, the run's length and cadence."""
+  return ml_collections.ConfigDict(dict(
+      num_classes=0,  # Classes of the segmentation / classification head (0: not used).
+      evals=ml_collections.ConfigDict(),  # name -> entry (evaluate.default_eval_config()).
+      total_steps=0,  # Set exactly one of total_steps / total_epochs.
+      total_epochs=0.0,
+      log_every_steps=100,
+      checkpoint_every_steps=1000,
+      keep_checkpoints=3,
+  ))
+
+
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN / inf loss; the last good checkpoint is left untouched."""
 
@@ -43,29 +56,28 @@ def check_config(config) -> None:
   """Fails early, with what to change, on configs that cannot run."""
   if config.task not in constants.TASKS:
     raise ValueError(f'config.task={config.task!r}: expected one of {constants.TASKS}.')
-  if config.task in ('segment', 'classify') and not config.get('num_classes'):
+  if config.task in ('segment', 'classify') and not config.num_classes:
     raise ValueError(f'config.num_classes must be set for task={config.task!r}.')
   if config.task in ('segment', 'classify'):
     info = input_pipeline.dataset_info(config.input.dataset, config.input.data_dir)
     if info.num_classes is not None and info.num_classes != config.num_classes:
       raise ValueError(f'config.num_classes={config.num_classes} but dataset '
                        f'{config.input.dataset!r} has {info.num_classes} classes.')
-  if config.get('class_weights') is not None:
+  if config.class_weights is not None:
     if config.task != 'segment':
       raise ValueError(f'config.class_weights weigh the segmentation loss; task={config.task!r} '
                        'has none: set config.class_weights=None.')
     objectives.check_class_weights(config.class_weights, config.num_classes)
-  if not config.get('total_steps') and not config.get('total_epochs'):
+  if not config.total_steps and not config.total_epochs:
     raise ValueError('Set config.total_steps or config.total_epochs.')
-  if config.get('total_steps') and config.get('total_epochs'):
+  if config.total_steps and config.total_epochs:
     raise ValueError('Set only one of config.total_steps and config.total_epochs.')
-  init_from = config.init_from
-  if init_from.get('checkpoint') and init_from.get('npz'):
-    raise ValueError('config.init_from: set checkpoint or npz, not both.')
+  initialization.check_init_from(config.init_from)
+  evaluate.eval_configs(config)  # A misspelt eval field fails now, not after training.
 
 
 def total_train_steps(config) -> int:
-  if config.get('total_steps'):
+  if config.total_steps:
     return int(config.total_steps)
   info = input_pipeline.dataset_info(config.input.dataset, config.input.data_dir)
   num_examples = info.train_size(config.input)
@@ -139,7 +151,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     results_by_name = {}
     train_counts = None
     for evaluator in evaluators:
-      every = evaluator.eval_config.get('every_steps')
+      every = evaluator.eval_config.every_steps
       if not final and not (every and step % every == 0):
         continue
       with report_progress.timed(f'eval_{evaluator.name}'):

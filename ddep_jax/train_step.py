@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _check_task(config) -> str:
-  task = config.get('task')
+  task = config.task
   if task not in constants.TASKS:
     raise ValueError(f'config.task={task!r}: expected one of {constants.TASKS}.')
   return task
@@ -183,7 +183,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model, trainable_mask,
       return objectives.squared_l2_loss(apply(noisy, noise_level=gamma), target), {}  # Eq. 6
     if task == 'segment':
       loss, num_valid = objectives.pixel_cross_entropy(
-          apply(images), batch['label'], class_weights=config.get('class_weights'))
+          apply(images), batch['label'], class_weights=config.class_weights)
       return loss, {'num_valid_pixels': num_valid}
     logits = apply(images)
     return objectives.classification_loss(logits, batch['label'], config.classification_loss), {}

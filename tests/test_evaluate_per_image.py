@@ -1,9 +1,12 @@
 """The segmentation evaluator infers each image on its own (per-image protocol, issue 17)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from ddep_jax import evaluate
 from ddep_jax import inference
@@ -131,3 +134,25 @@ def test_cityscapes_halves_stay_bitwise_as_before(monkeypatch):
   expected = metrics.confusion_matrix(jnp.asarray(batch['label']), predictions, _NUM_CLASSES,
                                       valid=jnp.asarray(batch['valid']))
   np.testing.assert_array_equal(np.asarray(results['confusion']), np.asarray(expected))
+
+
+def test_eval_entries_take_omitted_protocol_fields_from_one_default_and_refuse_misspelt_ones():
+  config, val = _config(_NUM_CLASSES, mode='sliding', crop_size=(16, 16), stride=(11, 11))
+  mesh = sharding.make_mesh(config)
+  # No every_steps: evaluate.default_eval_config() gives it (only the final evaluation).
+  assert 'every_steps' not in val
+  assert evaluate.Evaluator('val', config, val, _ConvModel(), mesh).eval_config.every_steps is None
+  with pytest.raises(AttributeError, match='flipp'):
+    evaluate.default_eval_config().flipp = True  # Locked: configs.common.eval_config fails too.
+  misspelt = dict(val.to_dict(), flipp=True)
+  with pytest.raises(ValueError, match=re.escape(
+      "config.evals.val has unknown key(s) ['flipp']; misspelt? The known keys are ['batch_size', "
+      "'crop_size', 'data_dir', 'dataset', 'every_steps', 'flip', 'mode', ")):
+    evaluate.Evaluator('val', config, misspelt, _ConvModel(), mesh)
+  # The eval input's own fields are not filled in (as the eval input requires them).
+  missing = val.to_dict()
+  del missing['pad_multiple']
+  with pytest.raises(ValueError, match=re.escape(
+      "config.evals.val has no field(s) ['pad_multiple']. Build it from "
+      'ddep_jax.evaluate.default_eval_config()')):
+    evaluate.Evaluator('val', config, missing, _ConvModel(), mesh)

@@ -1,5 +1,7 @@
 """Tests for ddep_jax.objectives: noise maths (Eq. 1, 5, 6), targets and losses."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -145,6 +147,23 @@ def test_fixed_gamma_and_per_example_gamma_range():
 def test_bad_denoising_config_is_rejected(overrides, message):
   with pytest.raises(ValueError, match=message):
     objectives.check_denoising_config(_denoising(**overrides))
+
+
+def test_a_misspelt_or_missing_denoising_field_fails_loudly():
+  # A misspelt field would otherwise leave the default noise level in force, silently.
+  misspelt = _denoising(noise_std=None).to_dict()
+  misspelt['gama'] = 0.95
+  with pytest.raises(ValueError, match=re.escape(
+      "config.denoising has unknown field(s) ['gama']; misspelt? Its fields are those of "
+      "ddep_jax.objectives.default_config(): ['gamma', 'gamma_range', 'noise_std', "
+      "'noise_type', 'predict_target'].")):
+    objectives.denoising_inputs(jnp.zeros((2, 4, 4, 3)), _keys(2), misspelt)
+  missing = _denoising().to_dict()
+  del missing['predict_target']
+  with pytest.raises(ValueError, match=re.escape(
+      "config.denoising has no field(s) ['predict_target']. Build it from "
+      'ddep_jax.objectives.default_config()')):
+    objectives.check_denoising_config(missing)
 
 
 def test_squared_l2_loss_by_hand():

@@ -1,5 +1,7 @@
 """Tests for ddep_jax.optimizer: schedules, freezing by regex, weight decay and multipliers."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -69,6 +71,37 @@ def test_linear_constant_and_multiplied_schedules_by_hand():
 def test_bad_schedules_are_rejected(schedule, total_steps, message):
   with pytest.raises(ValueError, match=message):
     optimizer.make_schedule(schedule, total_steps)
+
+
+def test_a_misspelt_schedule_key_fails_loudly_naming_the_entry_and_the_known_keys():
+  # A schedule entry may omit keys (their defaults are optimizer.default_schedule()), but a key
+  # it does not know is a typo, not a silently ignored setting.
+  assert optimizer.default_schedule().to_dict() == dict(decay_type='cosine', warmup_steps=0,
+                                                        mult=1.0, end_mult=0.0)
+  with pytest.raises(AttributeError):
+    optimizer.default_schedule().warmup = 3  # Locked.
+  config = _config(schedule=[('encoder/.*', None), ('.*', dict(decay_typ='linear'))])
+  with pytest.raises(ValueError, match=re.escape(
+      "config.schedule[1] ('.*', ...) has unknown key(s) ['decay_typ']; misspelt? The known "
+      "keys are ['decay_type', 'end_mult', 'mult', 'warmup_steps'], with defaults in "
+      'ddep_jax.optimizer.default_schedule().')):
+    optimizer.make_optimizer(config, _params())
+  config = _config(schedule=None)
+  config.schedule = dict(warmup_step=3)  # The plain-dict form.
+  with pytest.raises(ValueError, match=r"^config.schedule has unknown key\(s\) \['warmup_step'\]"):
+    optimizer.make_optimizer(config, _params())
+
+
+def test_optimizer_fields_have_no_second_default():
+  config = _config()
+  del config['lr_mults']
+  with pytest.raises(AttributeError, match='lr_mults'):
+    optimizer.make_optimizer(config, _params())
+  config = _config()
+  del config['total_steps']
+  with pytest.raises(AttributeError, match='total_steps'):
+    optimizer.make_optimizer(config, _params())
+  optimizer.make_optimizer(config, _params(), total_steps=10)  # Given: not read from config.
 
 
 def test_adam_first_step_is_minus_lr_times_sign():

@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import sys
 
 import jax
@@ -200,6 +201,21 @@ def test_errors_name_the_file(run, tmp_path):
   with pytest.raises(ValueError, match='denoise_run/config.json is the config of a '
                      "task='denoise' run"):
     predict_lib.load_run(str(denoise_run))
+
+
+def test_protocol_defaults_come_from_the_eval_default_and_a_misspelt_field_fails():
+  config = _config()
+  with config.unlocked():
+    config.evals.val = ml_collections.ConfigDict(dict(config.evals.val.to_dict(), flip_=True))
+  with pytest.raises(ValueError, match=re.escape(
+      "config.evals.val has unknown key(s) ['flip_']; misspelt? The known keys are [")):
+    predict_lib.protocol_of(config)
+  with config.unlocked():
+    config.evals = ml_collections.ConfigDict()
+  # No evals: evaluate.default_eval_config()'s protocol, the whole image at its own size.
+  assert predict_lib.protocol_of(config) == predict_lib.Protocol(
+      mode='whole', scales=(1.0,), flip=False, crop_size=None, stride=None, size_divisor=16,
+      resize=None)
 
 
 def test_original_label_ids():

@@ -9,6 +9,7 @@ import glob
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import threading
 import types
 
 import flax
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -72,6 +74,29 @@ def test_init_from_errors_name_paths_and_shapes(digit_scenes_dir, tmp_path):
     config.init_from.checkpoint = str(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match='No Orbax checkpoint found'):
     initialization.initial_params(config, _fresh_state(config))  # pylint: disable=protected-access
+
+
+def test_a_misspelt_or_missing_init_from_field_fails_loudly():
+  # A misspelt init_from.checkpoint would otherwise train from a random initialisation.
+  config = tiny_config.get_config('task=denoise')
+  init_from = config.init_from.to_dict()
+  init_from['chekpoint'] = init_from.pop('checkpoint')
+  with config.unlocked():
+    config.init_from = ml_collections.ConfigDict(init_from)
+  message = re.escape("config.init_from has unknown field(s) ['chekpoint']; misspelt? Its fields "
+                      "are those of ddep_jax.initialization.default_config(): ['checkpoint', "
+                      "'npz', 'npz_drop_head', 'params', 'step'].")
+  with pytest.raises(ValueError, match=message):
+    train.check_config(config)
+  with pytest.raises(ValueError, match=message):
+    initialization.initial_params(config, state=None)  # Before the state is touched.
+  config = tiny_config.get_config('task=denoise')
+  init_from = config.init_from.to_dict()
+  del init_from['step']
+  with config.unlocked():
+    config.init_from = ml_collections.ConfigDict(init_from)
+  with pytest.raises(ValueError, match=re.escape("config.init_from has no field(s) ['step']")):
+    train.check_config(config)
 
 
 def test_sigterm_saves_and_exits_then_resumes(digit_scenes_dir, tmp_path):

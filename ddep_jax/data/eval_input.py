@@ -9,6 +9,7 @@ from ml_collections import config_dict
 import numpy as np
 import tensorflow as tf
 
+from ddep_jax import config_fields
 from ddep_jax import constants
 from ddep_jax.data import preprocessing
 from ddep_jax.data import reading
@@ -89,8 +90,9 @@ def get_eval_dataset(eval_config, task: str, *, process_index: int | None = None
   (zero image, label 255, orig_size 0) to `num_batches * local batch`.
   """
   # Not exact: an entry of config.evals also holds its inference protocol (mode, scales, ...).
-  reading.check_fields(eval_config, default_eval_config(), 'The eval config (config.evals.*)',
-                       'ddep_jax.data.input_pipeline.default_eval_config()', exact=False)
+  config_fields.check_fields(eval_config, default_eval_config(),
+                             'The eval config (config.evals.*)',
+                             'ddep_jax.data.input_pipeline.default_eval_config()', exact=False)
   process_index, process_count = reading.processes(process_index, process_count)
   local_batch = reading.local_batch_size(int(eval_config.batch_size), process_count)
   source = reading.open_source(eval_config.dataset, eval_config.split, task,

@@ -1,16 +1,11 @@
 """What the train and eval inputs share: opening a prepared TFDS dataset for a task, reading its
 encoded examples in a fixed order, this process's part of them, and naming corrupt examples.
-
-Also the config check both inputs start with: the locked `default_config()` /
-`default_eval_config()` hold every input field's default, and an input config missing one of
-them (or, for the train input, holding one they do not know) is an error, not a silent default.
 """
 
 import dataclasses
 import re
 from collections.abc import Callable
 
-import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -20,20 +15,6 @@ from ddep_jax.data import preprocessing
 
 # Crop of denoising / classification pretraining when config crop_size is None (paper §5).
 PRETRAIN_CROP_SIZE = (224, 224)
-
-
-def check_fields(config, defaults: ml_collections.ConfigDict, where: str, owner: str, *,
-                 exact: bool) -> None:
-  """Raises when `config` lacks a field of `defaults` or, if `exact`, has one they lack."""
-  missing = sorted(k for k in defaults if k not in config)
-  if missing:
-    raise ValueError(f'{where} has no field(s) {missing}. Build it from {owner}, which holds '
-                     'every field with its default (configs.common.get_base_config() does), '
-                     'and set only what differs.')
-  unknown = sorted(k for k in config if k not in defaults) if exact else []
-  if unknown:
-    raise ValueError(f'{where} has unknown field(s) {unknown}; misspelt? Its fields are those '
-                     f'of {owner}: {sorted(defaults)}.')
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from ml_collections import config_dict
 import numpy as np
 import tensorflow as tf
 
+from ddep_jax import config_fields
 from ddep_jax import fileio
 from ddep_jax.data import datasets
 from ddep_jax.data import preprocessing
@@ -63,8 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _check(input_config) -> None:
-  reading.check_fields(input_config, default_config(), 'The train input config (config.input)',
-                       'ddep_jax.data.input_pipeline.default_config()', exact=True)
+  config_fields.check_fields(input_config, default_config(),
+                             'The train input config (config.input)',
+                             'ddep_jax.data.input_pipeline.default_config()', exact=True)
 
 
 def train_crop_size(input_config, task: str) -> tuple[int, int]:
