@@ -24,17 +24,19 @@ programs.
 
 Memory and compute follow the unit's members, not the batch: `unit_probabilities` loops over the
 images of the batch one at a time and skips those outside the unit (`lax.cond`: no model call),
-adding each member's probabilities to the sums in place. So a program holds, besides its
-arguments and the probability sums [B, H, W, K], one image's buffers: the rescaled image and its
-window sums at the unit's canvas (the grid's extent, less than one stride beyond the member's
-own scaled size per axis), and its probabilities at the batch canvas; the model sees at most
-two windows per call (larger grids loop), whatever the scale and the batch. The evaluator runs
+adding each member's probabilities to the sums (in place where they are donated). So a program
+holds, besides its arguments and the probability sums [B, H, W, K], one image's buffers: the
+rescaled image and its window sums at the unit's canvas (the grid's extent, less than one stride
+beyond the member's own scaled size per axis), and its probabilities at the batch canvas; the
+model sees at most two windows per call (larger grids loop), whatever the scale and the batch.
+The evaluator runs
 the programs under `jax.shard_map`, each device looping over its own images. With ADE20K's 150
-classes at scale 1.75 a 512x1024 image's window sums alone are 1194x1876x150 float32, 1.3 GB:
-held for the whole batch (as a vmapped program would), a batch of 4 on one device did not fit
-12 GB; per image it does (figures in docs/performance.md). The model's batch is the same for
-every batch size, so an image's probabilities do not depend on what else is in its batch or on
-the number of devices (XLA's CPU matmuls, for one, round differently with their row count).
+classes at scale 1.75 one image's window sums are up to 1194x1876x150 float32 (1.3 GB): the
+largest program of the ADE20K 6-scale + flip protocol at batch 4 on one device needs 7.3 GB,
+where running the unit on the whole batch needed 21.5 GB (docs/performance.md). The model's
+batch is the same for every batch size, so an image's probabilities do not depend on what else
+is in its batch or on the number of devices (XLA's CPU matmuls, for one, round differently with
+their number of rows).
 
 Programs: one per distinct unit of the split, reused across batches and scales; Cityscapes (all
 frames 1024x2048, the halves protocol) is one. With 512x512 windows at stride 341 and the six
