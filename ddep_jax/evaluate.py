@@ -12,8 +12,10 @@ matrices, losses, counts) are reduced by XLA over the global batch, so each host
 totals and a multi-host evaluation equals a single-host one. Segmentation infers each image on
 its own (`ddep_jax.inference`): one program per unit (padded window shape, window grid and
 canvas) in the batch, shared across scales and batches, chosen from every host's image sizes, so
-all hosts run the same programs (counts per split in `inference`'s docstring). Examples that only pad
-the last batch (`valid == False`) and pixels labelled 255 never count.
+all hosts run the same programs (counts per split in `inference`'s docstring). In a program each
+device runs the unit's members among its own images, one at a time (`jax.shard_map`), so its
+memory and compute follow the members, not the batch. Examples that only pad the last batch
+(`valid == False`) and pixels labelled 255 never count.
 """
 
 import functools
@@ -133,9 +135,20 @@ class Evaluator:
     return out
 
   def _unit_probabilities(self, params, images, sizes, scaled_sizes, probability_sums, *, unit):
-    return probability_sums + inference.unit_probabilities(
-        functools.partial(self._predict, params), images, sizes, scaled_sizes, unit,
-        **self._protocol)
+    """Adds the unit's probabilities to the sums; each device runs its own members, one image
+    at a time (`inference.unit_probabilities`), with the whole model (params gathered if
+    FSDP-sharded), so a unit's memory and compute follow its members, not the batch."""
+    def local(params, images, sizes, scaled_sizes, probability_sums):
+      return inference.unit_probabilities(
+          functools.partial(self._predict, params), images, sizes, scaled_sizes, unit,
+          probability_sums=probability_sums, **self._protocol)
+
+    batch = sharding.batch_sharding(self.mesh).spec
+    # check_vma=False: `inference` is written for one device (its loop carries start as plain
+    # zeros); every output is split along the batch, which out_specs states.
+    return jax.shard_map(local, mesh=self.mesh, in_specs=(PartitionSpec(), batch, batch, batch,
+                                                          batch), out_specs=batch,
+                         check_vma=False)(params, images, sizes, scaled_sizes, probability_sums)
 
   def _segment_statistics(self, params, batch, global_sizes):
     """Per-image inference (`inference`), one program per unit present in the batch."""

@@ -17,14 +17,26 @@ Batches. Images arrive padded to a common canvas [B, H, W, 3] with their own (he
 `sizes` [B, 2]; pixels outside an image are never read (they are set to 0 first). The model input
 of an image (its padded window) is a function of the image's own size, so one jitted program
 cannot serve every image of a mixed-size batch: `plan` groups the (scale, image) pairs of a batch
-into `Unit`s by (window shape, window grid, canvas), and `unit_probabilities` runs one unit on
-the whole batch (a pure, traceable function; images outside the unit contribute 0), the windows
-at fixed shape with per-image offsets. The scale is not part of a program (each member's own
-size at the scale is an argument), so scales share programs. Memory follows the unit: the
-rescaled image and the window sums are held at the unit's canvas (the grid's extent, less than
-one stride beyond the member's own scaled size per axis), not at the batch canvas, and the model
-sees at most two windows per image per call (larger grids loop), whatever the scale. Only the
-averaged probabilities are held at the batch canvas.
+into `Unit`s by (window shape, window grid, canvas), and `unit_probabilities` runs one unit (a
+pure, traceable function), the windows at fixed shape with per-image offsets. The scale is not
+part of a program (each member's own size at the scale is an argument), so scales share
+programs.
+
+Memory and compute follow the unit's members, not the batch: `unit_probabilities` loops over the
+images of the batch one at a time and skips those outside the unit (`lax.cond`: no model call),
+adding each member's probabilities to the sums (in place where they are donated). So a program
+holds, besides its arguments and the probability sums [B, H, W, K], one image's buffers: the
+rescaled image and its window sums at the unit's canvas (the grid's extent, less than one stride
+beyond the member's own scaled size per axis), and its probabilities at the batch canvas; the
+model sees at most two windows per call (larger grids loop), whatever the scale and the batch.
+The evaluator runs
+the programs under `jax.shard_map`, each device looping over its own images. With ADE20K's 150
+classes at scale 1.75 one image's window sums are up to 1194x1876x150 float32 (1.3 GB): the
+largest program of the ADE20K 6-scale + flip protocol at batch 4 on one device needs 7.3 GB,
+where running the unit on the whole batch needed 21.5 GB (docs/performance.md). The model's
+batch is the same for every batch size, so an image's probabilities do not depend on what else
+is in its batch or on the number of devices (XLA's CPU matmuls, for one, round differently with
+their number of rows).
 
 Programs: one per distinct unit of the split, reused across batches and scales; Cityscapes (all
 frames 1024x2048, the halves protocol) is one. With 512x512 windows at stride 341 and the six
@@ -229,9 +241,9 @@ def _resize_image(x: jax.Array, size_in, size_out, out_hw: tuple[int, int]) -> j
 
 
 def _fit(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
-  """[B, H, W, C] cut or zero-padded bottom/right to [B, *hw, C] (images sit at the top left)."""
-  x = x[:, :hw[0], :hw[1]]
-  return jnp.pad(x, ((0, 0), (0, hw[0] - x.shape[1]), (0, hw[1] - x.shape[2]), (0, 0)))
+  """[H, W, C] cut or zero-padded bottom/right to [*hw, C] (the image sits at the top left)."""
+  x = x[:hw[0], :hw[1]]
+  return jnp.pad(x, ((0, hw[0] - x.shape[0]), (0, hw[1] - x.shape[1]), (0, 0)))
 
 
 def _flip_image(x: jax.Array, width) -> jax.Array:
@@ -246,123 +258,149 @@ def _inside(size, hw: tuple[int, int]) -> jax.Array:
   return (rows & (jnp.arange(hw[1])[None, :] < size[1]))[..., None]
 
 
-# Windows of each image per model call: a grid of at most this many (Cityscapes' two halves) is
-# one call; larger grids loop over groups, so the model's batch (and its activations and logits)
-# stays this many windows per image whatever the scale.
+# Windows per model call: a grid of at most this many (Cityscapes' two halves) is one call;
+# larger grids loop over groups, so the model's batch (and its activations and logits) stays
+# this many windows whatever the scale.
 _WINDOWS_PER_CALL = 2
 
 
-def _window_logits(predict_fn: PredictFn, x: jax.Array, sizes: jax.Array, unit: Unit,
-                   crop_size, stride) -> jax.Array:
-  """Averaged window logits [B, *unit.canvas, K] of the images x [B, *unit.canvas, C] of own
-  `sizes` (0 for images outside the unit, whose logits are then meaningless).
+def _windows_per_call(unit: Unit) -> int:
+  per_call = _WINDOWS_PER_CALL if unit.num_windows % _WINDOWS_PER_CALL == 0 else 1
+  return min(per_call, unit.num_windows)
 
-  Every image runs the unit's grid of windows of shape `unit.window` (at most
-  `_WINDOWS_PER_CALL` per image in one model batch, window-major); window pixels beyond an
-  image's own crop add nothing.
+
+def _window_logits(predict_fn: PredictFn, x: jax.Array, size: jax.Array, unit: Unit,
+                   crop_size, stride, num_classes: int) -> jax.Array:
+  """Averaged window logits [*unit.canvas, K] of ONE image x [*unit.canvas, C] of own `size`
+  (at the scale of the unit).
+
+  The image runs the unit's grid of windows of shape `unit.window`, at most `_WINDOWS_PER_CALL`
+  of them in one model batch; window pixels beyond the image's own crop add nothing.
   """
-  batch = x.shape[0]
   wh, ww = unit.window
-  sizes = jnp.maximum(sizes, 1)
+  size = jnp.maximum(size, 1)
   if crop_size is None:  # Whole image: one window from the top left.
-    crop_h, crop_w = sizes[:, 0], sizes[:, 1]
+    crop_h, crop_w = size[0], size[1]
     stride_h = stride_w = 1
   else:
-    crop_h, crop_w = jnp.minimum(crop_size[0], sizes[:, 0]), jnp.minimum(crop_size[1], sizes[:, 1])
+    crop_h, crop_w = jnp.minimum(crop_size[0], size[0]), jnp.minimum(crop_size[1], size[1])
     stride_h, stride_w = int(stride[0]), int(stride[1])
   num_w = unit.grid[1]
-  in_window = ((jnp.arange(wh)[None, :, None] < crop_h[:, None, None])
-               & (jnp.arange(ww)[None, None, :] < crop_w[:, None, None]))[..., None]
+  in_window = ((jnp.arange(wh)[:, None] < crop_h) & (jnp.arange(ww)[None, :] < crop_w))[..., None]
 
-  def offsets(k):  # Window k of every image, row-major over the grid (MMSeg's order).
-    top = jnp.maximum(jnp.minimum((k // num_w) * stride_h + crop_h, sizes[:, 0]) - crop_h, 0)
-    left = jnp.maximum(jnp.minimum((k % num_w) * stride_w + crop_w, sizes[:, 1]) - crop_w, 0)
+  def offsets(k):  # Window k, row-major over the grid (MMSeg's order).
+    top = jnp.maximum(jnp.minimum((k // num_w) * stride_h + crop_h, size[0]) - crop_h, 0)
+    left = jnp.maximum(jnp.minimum((k % num_w) * stride_w + crop_w, size[1]) - crop_w, 0)
     return top, left
 
-  def crop(image, t, l):
-    return jax.lax.dynamic_slice(image, (t, l, 0), (wh, ww, image.shape[-1]))
+  def add(acc, value, k):
+    top, left = offsets(k)
+    region = jax.lax.dynamic_slice(acc, (top, left, 0), value.shape)
+    return jax.lax.dynamic_update_slice(acc, region + value, (top, left, 0))
 
-  def add(acc, value, t, l):
-    region = jax.lax.dynamic_slice(acc, (t, l, 0), value.shape)
-    return jax.lax.dynamic_update_slice(acc, region + value, (t, l, 0))
+  per_call = _windows_per_call(unit)
 
-  per_call = _WINDOWS_PER_CALL if unit.num_windows % _WINDOWS_PER_CALL == 0 else 1
-  per_call = min(per_call, unit.num_windows)
-
-  def group_logits(group):  # [per_call, B, wh, ww, K] of windows group * per_call + i.
-    # MMSeg pads a window after normalisation: 0. Stacked window-major, one model batch.
-    windows = [jnp.where(in_window, jax.vmap(crop)(x, *offsets(group * per_call + i)), 0.0)
+  def group_logits(group):  # [per_call, wh, ww, K] of windows group * per_call + i.
+    # MMSeg pads a window after normalisation: 0.
+    windows = [jnp.where(in_window, jax.lax.dynamic_slice(
+        x, (*offsets(group * per_call + i), 0), (wh, ww, x.shape[-1])), 0.0)
                for i in range(per_call)]
-    logits = predict_fn(jnp.concatenate(windows, axis=0)).astype(jnp.float32)
-    return logits.reshape(per_call, batch, wh, ww, logits.shape[-1])
+    return predict_fn(jnp.stack(windows)).astype(jnp.float32)
 
   def add_group(group, logits, sums):
     total, count = sums
     for i in range(per_call):  # In window order, as MMSeg's loop adds them.
-      top, left = offsets(group * per_call + i)
-      total = jax.vmap(add)(total, jnp.where(in_window, logits[i], 0.0), top, left)
-      count = jax.vmap(add)(count, jnp.where(in_window, 1.0, 0.0), top, left)
+      total = add(total, jnp.where(in_window, logits[i], 0.0), group * per_call + i)
+      count = add(count, jnp.where(in_window, 1.0, 0.0), group * per_call + i)
     return total, count
 
-  def zeros(num_classes):
-    return (jnp.zeros((batch, *unit.canvas, num_classes), jnp.float32),
-            jnp.zeros((batch, *unit.canvas, 1), jnp.float32))
-
+  zeros = (jnp.zeros((*unit.canvas, num_classes), jnp.float32),
+           jnp.zeros((*unit.canvas, 1), jnp.float32))
   num_calls = unit.num_windows // per_call
   if num_calls == 1:
-    logits = group_logits(0)
-    total, count = add_group(0, logits, zeros(logits.shape[-1]))
+    total, count = add_group(0, group_logits(0), zeros)
   else:  # The model appears once in the program, in the loop body.
-    num_classes = jax.eval_shape(group_logits, 0).shape[-1]
     total, count = jax.lax.fori_loop(0, num_calls, lambda g, sums: add_group(
-        g, group_logits(g), sums), zeros(num_classes))
+        g, group_logits(g), sums), zeros)
   return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+
+
+def _image_probabilities(predict_fn: PredictFn, image: jax.Array, size, scaled_size, unit: Unit,
+                         *, crop_size, stride, flip: bool, num_classes: int) -> jax.Array:
+  """Summed softmax probabilities [H, W, K] of ONE member image [H, W, C] of own `size`, at
+  the unit's scale (where its size is `scaled_size`), and of its flip; 0 outside the image."""
+  canvas = image.shape[:2]
+  inside = _inside(size, canvas)
+  x = jnp.where(inside, image, 0.0)
+  if unit.rescale:
+    x = _resize_image(x, size, scaled_size, unit.canvas)
+  else:  # The image fits the unit's canvas.
+    x = _fit(x, unit.canvas)
+  total = 0.0
+  for flipped in ((False, True) if flip else (False,)):
+    xi = _flip_image(x, scaled_size[1]) if flipped else x
+    logits = _window_logits(predict_fn, xi, scaled_size, unit, crop_size, stride, num_classes)
+    if flipped:
+      logits = _flip_image(logits, scaled_size[1])
+    if unit.rescale:
+      logits = _resize_image(logits, scaled_size, size, canvas)
+    else:
+      logits = _fit(logits, canvas)
+    total = total + jnp.where(inside, jax.nn.softmax(logits, axis=-1), 0.0)
+  return total
 
 
 def unit_probabilities(predict_fn: PredictFn, images: jax.Array, sizes: jax.Array,
                        scaled_sizes: jax.Array, unit: Unit, *, mode: str = 'whole',
                        flip: bool = False, crop_size: Sequence[int] | None = None,
-                       stride: Sequence[int] | None = None) -> jax.Array:
-  """Summed softmax probabilities [B, H, W, K] of `unit` (and its flip) per image.
+                       stride: Sequence[int] | None = None,
+                       probability_sums: jax.Array | None = None) -> jax.Array:
+  """`probability_sums` plus the summed softmax probabilities of `unit` (and its flip) per image.
 
   Pure and traceable in `images` (float32 [B, H, W, 3] canvas), `sizes` (int [B, 2], own height
-  and width; 0 for padding examples) and `scaled_sizes` (int [B, 2], a member's own size at the
-  scale of this call, 0 for every image outside the unit: `plan` gives them). Images outside the
-  unit, and pixels outside each image, get 0. The model input and every buffer follow the unit's
-  window and canvas, not the batch canvas.
+  and width; 0 for padding examples), `scaled_sizes` (int [B, 2], a member's own size at the
+  scale of this call, 0 for every image outside the unit: `plan` gives them) and
+  `probability_sums` (float32 [B, H, W, K]; None: zeros). Returns [B, H, W, K]: images outside
+  the unit, and pixels outside each image, get nothing added.
+
+  The images are run one at a time (a loop over the batch), and an image outside the unit is
+  skipped (`lax.cond`: no model call, its sums passed on), so memory and compute follow the
+  unit's members, not the batch: one image's window sums at the unit's canvas and its
+  probabilities at the batch canvas are held at a time, whatever the batch size. Donate
+  `probability_sums` to update it in place. For a batch sharded over devices, call this inside
+  `jax.shard_map` (as `evaluate` does), so that each device loops over its own images; under
+  plain `jax.jit` the loop would gather the batch.
   """
-  height, width = images.shape[1:3]
   sizes = jnp.asarray(sizes, jnp.int32)
   scaled_sizes = jnp.asarray(scaled_sizes, jnp.int32)
-  member = jnp.all(scaled_sizes > 0, axis=-1)
-  crop = None if mode == 'whole' else tuple(int(c) for c in crop_size)
-  canvas = (height, width)
-  inside = jax.vmap(_inside, in_axes=(0, None))(sizes, canvas)
-  x = jnp.where(inside, images, 0.0)
-  if unit.rescale:
-    x = jax.vmap(_resize_image, in_axes=(0, 0, 0, None))(x, sizes, scaled_sizes, unit.canvas)
-  else:  # Members fit the unit's canvas; the rest of the batch canvas holds no member pixel.
-    x = _fit(x, unit.canvas)
-  total = 0.0
-  for flipped in ((False, True) if flip else (False,)):
-    xi = jax.vmap(_flip_image)(x, scaled_sizes[:, 1]) if flipped else x
-    logits = _window_logits(predict_fn, xi, scaled_sizes, unit, crop, stride)
-    if flipped:
-      logits = jax.vmap(_flip_image)(logits, scaled_sizes[:, 1])
-    if unit.rescale:
-      logits = jax.vmap(_resize_image, in_axes=(0, 0, 0, None))(logits, scaled_sizes, sizes,
-                                                                  canvas)
-    else:
-      logits = _fit(logits, canvas)
-    keep = inside & member[:, None, None, None]
-    total = total + jnp.where(keep, jax.nn.softmax(logits, axis=-1), 0.0)
-  return total
+  geometry = dict(crop_size=None if mode == 'whole' else tuple(int(c) for c in crop_size),
+                  stride=stride, flip=flip)
+  if probability_sums is None:
+    # The sums need the model's number of classes before the loop runs it. jit caches the
+    # model's trace, so this trace (at the loop's window batch) is the only one.
+    predict_fn = jax.jit(predict_fn)
+    windows = jax.ShapeDtypeStruct((_windows_per_call(unit), *unit.window, images.shape[-1]),
+                                   jnp.float32)
+    probability_sums = jnp.zeros((*images.shape[:3], jax.eval_shape(predict_fn, windows).shape[-1]),
+                                 jnp.float32)
+  geometry['num_classes'] = probability_sums.shape[-1]
+
+  def add_image(i, sums):
+    def add_member(own):
+      return own + _image_probabilities(predict_fn, images[i], sizes[i], scaled_sizes[i], unit,
+                                        **geometry)
+    own = jax.lax.dynamic_index_in_dim(sums, i, keepdims=False)
+    own = jax.lax.cond(jnp.all(scaled_sizes[i] > 0), add_member, lambda own: own, own)
+    return jax.lax.dynamic_update_index_in_dim(sums, own, i, 0)
+
+  return jax.lax.fori_loop(0, images.shape[0], add_image, probability_sums)
 
 
 # Compiled per (predict_fn, unit, protocol, shapes); inlined when called inside another jit.
 _jitted_unit_probabilities = jax.jit(
     unit_probabilities, static_argnums=(0, 4),
-    static_argnames=('mode', 'flip', 'crop_size', 'stride'))
+    static_argnames=('mode', 'flip', 'crop_size', 'stride'),
+    donate_argnames=('probability_sums',))
 
 
 def predict_probabilities(predict_fn: PredictFn, images: jax.Array, sizes=None, *,
@@ -386,7 +424,8 @@ def predict_probabilities(predict_fn: PredictFn, images: jax.Array, sizes=None, 
     window_step: see `plan` (None: `size_divisor`, MMSegmentation's padding).
 
   Returns:
-    The averaged probabilities; 0 outside each image and for images of size 0.
+    The averaged probabilities; 0 outside each image and for images of size 0. Each program
+    runs the images of its unit one at a time (`unit_probabilities`).
   """
   check_protocol(mode, scales, crop_size, stride)
   if sizes is None:
@@ -394,12 +433,14 @@ def predict_probabilities(predict_fn: PredictFn, images: jax.Array, sizes=None, 
   sizes = np.asarray(sizes, np.int32)
   protocol = dict(mode=mode, flip=flip, crop_size=None if crop_size is None else tuple(crop_size),
                   stride=None if stride is None else tuple(stride))
-  total = 0.0
-  for unit, scaled_sizes in plan(sizes, mode=mode, scales=scales, crop_size=crop_size,
-                                 stride=stride, size_divisor=size_divisor,
-                                 window_step=window_step):
-    total = total + _jitted_unit_probabilities(predict_fn, images, sizes, scaled_sizes, unit,
-                                               **protocol)
+  calls = plan(sizes, mode=mode, scales=scales, crop_size=crop_size, stride=stride,
+               size_divisor=size_divisor, window_step=window_step)
+  if not calls:
+    raise ValueError(f'No image to predict: every size in {sizes.tolist()} has a 0.')
+  total = None  # The first unit makes it (with the model's number of classes).
+  for unit, scaled_sizes in calls:
+    total = _jitted_unit_probabilities(predict_fn, images, sizes, scaled_sizes, unit,
+                                       probability_sums=total, **protocol)
   return total / num_predictions(scales, flip)
 
 

@@ -1,5 +1,7 @@
 """Inference protocols: sliding window, multi-scale and flips against plain inference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -259,3 +261,34 @@ def test_coarse_window_step_equals_zero_padding_to_that_step():
   got = inference.predict_image_probabilities(_conv_model, image, size_divisor=8, window_step=16)
   expected = _plain_reference(_conv_model, image, size_divisor=16)
   np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_images_outside_the_unit_are_skipped():
+  # A 13x21 member (a 1x2 grid of 16x16 windows) among three images of other units, NaN
+  # everywhere, as is the member's canvas beyond its own size: the model runs on the member's
+  # windows only, the others' sums pass through untouched, and the member gets what it gets alone.
+  windows = []
+
+  def counting_model(x):
+    jax.debug.callback(functools.partial(windows.append, x.shape[0]))  # On the host, per call.
+    return _conv_model(x)
+
+  protocol = dict(mode='sliding', crop_size=(16, 16), stride=(11, 11))
+  sizes = np.array([(13, 21), (24, 17), (9, 12), (24, 24)], np.int32)
+  images = np.full((4, 24, 24, 3), np.nan, np.float32)
+  images[0, :13, :21] = _random_images(((13, 21),))[0]
+  calls = inference.plan(sizes, size_divisor=_DIVISOR, **protocol)
+  (unit, scaled_sizes), = [(unit, scaled) for unit, scaled in calls if scaled[0, 0]]
+  assert scaled_sizes[1:].tolist() == [[0, 0]] * 3
+  run = jax.jit(inference.unit_probabilities, static_argnums=(0, 4),
+                static_argnames=('mode', 'flip', 'crop_size', 'stride'))
+  before = jnp.asarray(np.random.default_rng(4).uniform(size=(4, 24, 24, 4)), jnp.float32)
+  after = run(counting_model, images, sizes, scaled_sizes, unit, probability_sums=before,
+              flip=True, **protocol)
+  jax.effects_barrier()
+  assert windows == [2, 2]  # The member's two windows, and their flips; nothing else ran.
+  np.testing.assert_array_equal(after[1:], before[1:])
+  alone = run(_conv_model, images[:1], sizes[:1], scaled_sizes[:1], unit,
+              probability_sums=before[:1], flip=True, **protocol)
+  np.testing.assert_array_equal(after[:1], alone)
+  assert np.all(np.isfinite(after))

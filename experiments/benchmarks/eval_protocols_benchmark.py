@@ -11,6 +11,12 @@ the images per second of the first pass (compiles included), of a second pass (c
 reused) and the number of XLA compilations each pass triggered; `--window_step=64` coarsens the
 windows of images smaller than the crop (`inference.plan`). The model is the `tiny` preset
 with random weights (`--preset`), so the figures measure the protocol, not the network.
+
+`--memory_only` runs nothing: it compiles each distinct unit program the batches need and prints
+its `memory_analysis()` per device (arguments + outputs - donated + temporaries) and the largest,
+the figure that decides whether the evaluation fits a device:
+
+    python experiments/benchmarks/eval_protocols_benchmark.py --protocols=ade20k --memory_only
 """
 
 import time
@@ -36,6 +42,10 @@ _SCALES = flags.DEFINE_list('scales', [str(s) for s in inference.MULTI_SCALE_SCA
                             'Test scales.')
 _WINDOW_STEP = flags.DEFINE_integer('window_step', None, 'Window step of small windows '
                                     '(`inference.plan`); None: the size divisor (MMSeg).')
+_MEMORY_ONLY = flags.DEFINE_bool('memory_only', False, 'Compile the unit programs and print '
+                                 'their memory per device instead of running the evaluation.')
+
+GB = 1e9
 
 # (height, width) of images as the eval input leaves them: Pascal Context's VOC images (at most
 # 500 px, original resolution) and ADE20K's resized to a short side of 512 (MMSeg's (2048, 512)).
@@ -86,6 +96,40 @@ def _config(name: str) -> ml_collections.ConfigDict:
   return config
 
 
+def _memory_bytes(compiled) -> float:
+  """Peak bytes per device of a compiled program: live arguments, outputs and temporaries."""
+  m = compiled.memory_analysis()
+  return float(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
+               m.temp_size_in_bytes)
+
+
+def unit_memory(name: str, evaluator, params, batches):
+  """Compiles (does not run) each distinct unit program of the batches; prints its memory."""
+  # pylint: disable=protected-access
+  seen, largest = set(), (0.0, None)
+  start = time.perf_counter()
+  for local_batch in batches:
+    batch = sharding.global_batch({k: local_batch[k] for k in ('image', 'orig_size')},
+                                  evaluator.mesh)
+    sums = jax.ShapeDtypeStruct((*batch['image'].shape[:3], evaluator.config.num_classes),
+                                np.float32, sharding=sharding.batch_sharding(evaluator.mesh))
+    for unit, scaled_sizes in inference.plan(evaluate._global_sizes(local_batch),
+                                             **evaluator._plan_args):
+      key = (unit, batch['image'].shape)
+      if key in seen:
+        continue
+      seen.add(key)
+      scaled_sizes = jax.make_array_from_process_local_data(evaluator._replicated, scaled_sizes)
+      compiled = evaluator._unit_fn.lower(params, batch['image'], batch['orig_size'],
+                                          scaled_sizes, sums, unit=unit).compile()
+      temp = compiled.memory_analysis().temp_size_in_bytes / GB
+      peak = _memory_bytes(compiled) / GB
+      print(f'  {unit}: {peak:.2f} GB per device ({temp:.2f} GB temporaries)', flush=True)
+      largest = max(largest, (peak, unit), key=lambda item: item[0])
+  print(f'{name}: {len(seen)} unit programs compiled in {time.perf_counter() - start:.0f} s; '
+        f'largest {largest[0]:.2f} GB per device ({largest[1]})', flush=True)
+
+
 def run(name: str):
   config = _config(name)
   mesh = sharding.make_mesh(config)
@@ -96,6 +140,9 @@ def run(name: str):
   input_pipeline.get_eval_dataset = lambda *a, **k: (batches, len(batches))
   input_pipeline.dataset_info = lambda *a, **k: {}
   evaluator = evaluate.Evaluator('val', config, config.evals.val, model, mesh)
+  if _MEMORY_ONLY.value:
+    unit_memory(name, evaluator, params, batches)
+    return
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, _, **kw: compiles.append(event)
