@@ -3,7 +3,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-# 8 simulated CPU devices so that sharded code paths run in the tests.
+# 8 simulated CPU devices so that sharded code paths run in the tests (tests/conftest.py adds
+# the fast-compile flag of tests/xla_flags.py).
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=2
 DEMO_WORKDIR ?= workdirs/demo
 
