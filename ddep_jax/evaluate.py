@@ -38,6 +38,7 @@ from ddep_jax import checkpoints
 from ddep_jax import config_fields
 from ddep_jax import fileio
 from ddep_jax import inference
+from ddep_jax import inference_plan
 from ddep_jax import initialization
 from ddep_jax import metrics
 from ddep_jax import objectives
@@ -123,8 +124,8 @@ class Evaluator:
       batch_sharding = sharding.batch_sharding(mesh)
       self._replicated = _replicated(mesh)
       self._zeros_fn = jax.jit(jnp.zeros, static_argnums=(0,), out_shardings=batch_sharding)
-      # One program per inference unit (window shape, grid and canvas; `inference.plan`), reused
-      # across batches and scales; the probability sums are donated, so a batch holds one copy.
+      # One program per inference unit (window shape, grid and canvas; `inference_plan.plan`),
+      # reused across batches and scales; the probability sums are donated, so a batch holds one copy.
       self._unit_fn = jax.jit(self._unit_probabilities, static_argnames=('unit',),
                               donate_argnums=(4,), out_shardings=batch_sharding)
 
@@ -154,7 +155,7 @@ class Evaluator:
     """Per-image inference (`inference`), one program per unit present in the batch."""
     image = batch['image']
     sums = self._zeros_fn((*image.shape[:3], self.config.num_classes))
-    for unit, scaled_sizes in inference.plan(global_sizes, **self._plan_args):
+    for unit, scaled_sizes in inference_plan.plan(global_sizes, **self._plan_args):
       # Computed from the gathered sizes, so the same on every host: replicated.
       scaled_sizes = jax.make_array_from_process_local_data(self._replicated, scaled_sizes)
       sums = self._unit_fn(params, image, batch['orig_size'], scaled_sizes, sums, unit=unit)

@@ -10,6 +10,7 @@ import pytest
 
 from ddep_jax import evaluate
 from ddep_jax import inference
+from ddep_jax import inference_plan
 from ddep_jax import metrics
 from ddep_jax import sharding
 from ddep_jax.data import input_pipeline
@@ -171,7 +172,7 @@ def test_unit_program_memory_follows_its_members_not_the_batch():
 
   def temporaries(batch_size):
     sizes = np.array([(24, 21), (13, 21), (9, 12), (24, 17)][:batch_size], np.int32)
-    calls = inference.plan(sizes, **evaluator._plan_args)  # pylint: disable=protected-access
+    calls = inference_plan.plan(sizes, **evaluator._plan_args)  # pylint: disable=protected-access
     (unit, scaled_sizes), = [(unit, scaled) for unit, scaled in calls if scaled[0, 0]]
     assert unit.grid == (4, 3)
     shape = lambda *s: jax.ShapeDtypeStruct(s[:-1], s[-1], sharding=batch)  # noqa: E731

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ddep_jax import inference
+from ddep_jax import inference_plan
 
 _KERNEL = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5)), jnp.float32)
 
@@ -27,11 +28,11 @@ def _images(shape=(2, 40, 72, 3), seed=1):
 
 
 def test_window_starts_follow_mmseg_grid():
-  assert inference.window_starts(2048, 1024, 1024) == [0, 1024]
-  assert inference.window_starts(512, 512, 341) == [0]
+  assert inference_plan.window_starts(2048, 1024, 1024) == [0, 1024]
+  assert inference_plan.window_starts(512, 512, 341) == [0]
   # 683-wide ADE20K image, 512 crop, 341 stride: windows at 0 and flush right at 171.
-  assert inference.window_starts(683, 512, 341) == [0, 171]
-  assert inference.window_starts(1100, 512, 341) == [0, 341, 588]
+  assert inference_plan.window_starts(683, 512, 341) == [0, 171]
+  assert inference_plan.window_starts(1100, 512, 341) == [0, 341, 588]
 
 
 def test_sliding_window_equals_whole_for_pointwise_model():
@@ -227,9 +228,9 @@ def test_probabilities_equal_plain_per_image_reference(protocol):
 
 def test_plan_groups_images_by_window_grid_and_canvas():
   # 512 crop, stride 341, scale 1 and 0.5: ADE20K-like 512x683 and 683x512 images.
-  calls = inference.plan([[512, 683], [683, 512], [512, 512], [0, 0]], mode='sliding',
+  calls = inference_plan.plan([[512, 683], [683, 512], [512, 512], [0, 0]], mode='sliding',
                          scales=(0.5, 1.0), crop_size=(512, 512), stride=(341, 341))
-  unit = inference.Unit
+  unit = inference_plan.Unit
   assert [(u, s.tolist()) for u, s in calls] == [
       (unit((256, 256), (1, 1), (256, 256), True), [[0, 0], [0, 0], [256, 256], [0, 0]]),
       # 256x342 -> padded to 352.
@@ -244,14 +245,14 @@ def test_plan_groups_images_by_window_grid_and_canvas():
 
 def test_window_step_pads_small_windows_only_and_shares_programs():
   sizes = [[300, 410], [310, 400], [700, 900]]
-  exact = inference.programs(sizes, mode='sliding', crop_size=(512, 512), stride=(341, 341))
-  coarse = inference.programs(sizes, mode='sliding', crop_size=(512, 512), stride=(341, 341),
+  exact = inference_plan.programs(sizes, mode='sliding', crop_size=(512, 512), stride=(341, 341))
+  coarse = inference_plan.programs(sizes, mode='sliding', crop_size=(512, 512), stride=(341, 341),
                               window_step=128)
   assert {u.window for u in exact} == {(304, 416), (320, 400), (512, 512)}
   # Both small images share one 384x512 program (the crop caps the rounding); large ones keep it.
   assert {u.window for u in coarse} == {(384, 512), (512, 512)}
   with pytest.raises(ValueError, match='multiple of the size divisor'):
-    inference.plan(sizes, window_step=24)
+    inference_plan.plan(sizes, window_step=24)
 
 
 def test_coarse_window_step_equals_zero_padding_to_that_step():
@@ -277,7 +278,7 @@ def test_images_outside_the_unit_are_skipped():
   sizes = np.array([(13, 21), (24, 17), (9, 12), (24, 24)], np.int32)
   images = np.full((4, 24, 24, 3), np.nan, np.float32)
   images[0, :13, :21] = _random_images(((13, 21),))[0]
-  calls = inference.plan(sizes, size_divisor=_DIVISOR, **protocol)
+  calls = inference_plan.plan(sizes, size_divisor=_DIVISOR, **protocol)
   (unit, scaled_sizes), = [(unit, scaled) for unit, scaled in calls if scaled[0, 0]]
   assert scaled_sizes[1:].tolist() == [[0, 0]] * 3
   run = jax.jit(inference.unit_probabilities, static_argnums=(0, 4),

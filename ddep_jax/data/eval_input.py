@@ -31,9 +31,9 @@ def default_eval_config() -> ml_collections.ConfigDict:
   # rounded up to a multiple of pad_multiple.
   c.pad_to = config_dict.placeholder(tuple)
   c.pad_multiple = 32
-  # Segmentation inference (`ddep_jax.inference.plan`): window sides of images smaller than the
-  # crop are padded (with 0, after normalisation) to a multiple of this; None: the model's size
-  # divisor, MMSegmentation's padding. Coarser steps compile fewer programs.
+  # Segmentation inference (`ddep_jax.inference_plan.plan`): window sides of images smaller than
+  # the crop are padded (with 0, after normalisation) to a multiple of this; None: the model's
+  # size divisor, MMSegmentation's padding. Coarser steps compile fewer programs.
   c.window_step = config_dict.placeholder(int)
   c.data_dir = config_dict.placeholder(str)
   return c

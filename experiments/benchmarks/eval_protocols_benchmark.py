@@ -9,7 +9,7 @@ the eval resize leaves them), each with its config's protocol: 512x512 sliding w
 341 with flips, at the six scales 0.5 ... 1.75 (`--scales=1` for one scale). Prints, per protocol,
 the images per second of the first pass (compiles included), of a second pass (compiled programs
 reused) and the number of XLA compilations each pass triggered; `--window_step=64` coarsens the
-windows of images smaller than the crop (`inference.plan`). The model is the `tiny` preset
+windows of images smaller than the crop (`inference_plan.plan`). The model is the `tiny` preset
 with random weights (`--preset`), so the figures measure the protocol, not the network.
 
 `--memory_only` runs nothing: it compiles each distinct unit program the batches need and prints
@@ -29,6 +29,7 @@ import numpy as np
 
 from ddep_jax import evaluate
 from ddep_jax import inference
+from ddep_jax import inference_plan
 from ddep_jax import initialization
 from ddep_jax import models
 from ddep_jax import sharding
@@ -41,7 +42,7 @@ _PRESET = flags.DEFINE_string('preset', 'tiny', 'Model preset.')
 _SCALES = flags.DEFINE_list('scales', [str(s) for s in inference.MULTI_SCALE_SCALES],
                             'Test scales.')
 _WINDOW_STEP = flags.DEFINE_integer('window_step', None, 'Window step of small windows '
-                                    '(`inference.plan`); None: the size divisor (MMSeg).')
+                                    '(`inference_plan.plan`); None: the size divisor (MMSeg).')
 _MEMORY_ONLY = flags.DEFINE_bool('memory_only', False, 'Compile the unit programs and print '
                                  'their memory per device instead of running the evaluation.')
 
@@ -113,7 +114,7 @@ def unit_memory(name: str, evaluator, params, batches):
                                   evaluator.mesh)
     sums = jax.ShapeDtypeStruct((*batch['image'].shape[:3], evaluator.config.num_classes),
                                 np.float32, sharding=sharding.batch_sharding(evaluator.mesh))
-    for unit, scaled_sizes in inference.plan(evaluate._global_sizes(local_batch),
+    for unit, scaled_sizes in inference_plan.plan(evaluate._global_sizes(local_batch),
                                              **evaluator._plan_args):
       key = (unit, batch['image'].shape)
       if key in seen:
