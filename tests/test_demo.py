@@ -308,3 +308,110 @@ def test_bad_arguments_are_clear_errors(tmp_path):
     config_module.get_config('init=imagenet')
   with pytest.raises(ValueError, match=r'contains \',\'.*choose a path without'):
     demo.plan_runs(str(tmp_path / 'a,b'), str(tmp_path / 'tfds'), smoke=True)
+
+
+# -- other subset seeds (`--subset_seeds`) and the stride-4 model (`--config_arg=stride=4`) ------
+
+def _finetune_plan(runs):
+  return {(r.tags['init'], r.tags['label_fraction'], r.tags['subset_seed']): r
+          for r in runs if r.sweep_run is not None}
+
+
+def test_subset_seeds_plan_the_same_pretraining_and_runs_named_by_the_new_seeds(tmp_path):
+  workdir, data_dir = str(tmp_path / 'demo'), str(tmp_path / 'tfds')
+  default = demo.plan_runs(workdir, data_dir, smoke=False)
+  held_out = demo.plan_runs(workdir, data_dir, smoke=False, subset_seeds=(100, 101, 102))
+  # The default plan is today's: seeds 0-2, and no subset_seeds in any run's argument.
+  assert {seed for *_, seed in _finetune_plan(default)} == {0, 1, 2}
+  assert not any(item.startswith('subset_seeds=') for r in default
+                 for item in r.config_arg.split(','))
+  # The same three pretraining runs (same directories and configs: reused by a re-run) ...
+  assert [r.workdir for r in held_out[:3]] == [r.workdir for r in default[:3]]
+  for new, old in zip(held_out[:3], default[:3]):
+    assert demo.config_json(demo.run_config(new)) == demo.config_json(demo.run_config(old))
+  # ... then every init x fraction x new seed, in a directory named by its seed.
+  plan = _finetune_plan(held_out)
+  assert len(held_out) == 3 + len(plan) == 3 + 4 * 3 * 3
+  assert set(plan) == {(i, f, s) for i in paper.INITS for f in (0.01, 0.05, 1.0)
+                       for s in (100, 101, 102)}
+  for (init, fraction, seed), run in plan.items():
+    assert os.path.basename(run.workdir) == (
+        f'init={init}-label_fraction={fraction!r}-subset_seed={seed}')
+    assert run.name == f'finetune/{os.path.basename(run.workdir)}'
+    config = demo.run_config(run)
+    assert config.input.subset_seed == config.seed == seed
+    assert config.input.label_fraction == fraction
+    # Only the subset and the seed differ from the run of the same cell on a default seed.
+    old = demo.flat_config(demo.config_json(demo.run_config(
+        _finetune_plan(default)[(init, fraction, seed - 100)])))
+    new = demo.flat_config(demo.config_json(config))
+    assert {k for k in new if new[k] != old[k]} == {'input.subset_seed', 'seed'}
+  # A single seed, and the smoke plan.
+  assert {k[2] for k in _finetune_plan(demo.plan_runs(workdir, data_dir, smoke=True,
+                                                      subset_seeds=(7,)))} == {7}
+
+
+def test_subset_seeds_flag_and_output_names():
+  assert demo.parse_subset_seeds(None, smoke=False) is None
+  assert demo.parse_subset_seeds(['100', '101', '102'], smoke=False) == (100, 101, 102)
+  # The config's default seeds are the default demo (same runs, same output files).
+  assert demo.parse_subset_seeds(['0', '1', '2'], smoke=False) is None
+  assert demo.parse_subset_seeds(['0', '1'], smoke=True) is None
+  assert demo.parse_subset_seeds(['0', '1'], smoke=False) == (0, 1)
+  with pytest.raises(ValueError, match=r'--subset_seeds=1,x: expected integers'):
+    demo.parse_subset_seeds(['1', 'x'], smoke=False)
+  with pytest.raises(ValueError, match='repeats a seed'):
+    config_module.get_sweep(hyper, 'stage=finetune,subset_seeds=3+3')
+  assert demo.output_suffix(None) == ''
+  assert demo.output_suffix((100, 101, 102)) == '-subset_seeds=100_101_102'
+  with pytest.raises(ValueError, match=r"--config_arg sets 'subset_seed'"):
+    demo.base_arg('/w', '/d', False, config_arg='stride=4,subset_seed=3')
+
+
+def test_table_holds_only_the_planned_seeds(tmp_path):
+  """Runs of other seeds in the same work directory stay out of the table."""
+  workdir = str(tmp_path)
+  runs = []
+  for seeds in ((0, 1, 2), (100, 101, 102)):
+    plan = demo.plan_runs(workdir, str(tmp_path / 'tfds'), smoke=True,
+                          subset_seeds=None if seeds == (0, 1, 2) else seeds)
+    for run in plan[3:]:
+      fileio.write_json(os.path.join(run.workdir, 'run.json'), run.sweep_run.run_json())
+      fileio.write_json(os.path.join(run.workdir, 'results', 'val.json'),
+                        {'mIoU': run.tags['subset_seed'] / 1000, 'final': True})
+    runs.append(plan)
+  held_out = demo.write_outputs(workdir, runs[1], (100, 101, 102))
+  assert held_out.markdown_path == os.path.join(workdir, 'results-subset_seeds=100_101_102.md')
+  assert os.path.exists(held_out.csv_path) and os.path.exists(held_out.plot_path)
+  assert 'Labelled subsets (`subset_seed`): 100, 101, 102.' in held_out.markdown
+  # mIoU x 100 = seed / 10: mean 10.1 over 100-102, and 3 runs (not 5 with smoke seeds 0, 1).
+  assert '| 10.10 ± 0.10 (3) |' in held_out.markdown
+  default = demo.write_outputs(workdir, runs[0])
+  assert default.markdown_path == os.path.join(workdir, 'results.md')
+  assert '| 0.05 ± 0.07 (2) |' in default.markdown
+
+
+@pytest.mark.parametrize('stride,tokens,widths', [(16, 2, (64, 32, 32, 16, 16)),
+                                                  (8, 4, (32, 32, 16, 16)),
+                                                  (4, 8, (32, 16, 16))])
+def test_stride_gives_the_token_map_and_decoder_of_the_model_family(stride, tokens, widths):
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddep_jax import models  # pylint: disable=g-import-not-at-top
+  arg = '' if stride == 16 else f',stride={stride}'
+  configs = {stage: config_module.get_config(f'stage={stage}{arg}')
+             for stage in config_module.STAGES}
+  expected = models.get_config('tiny', output_stride=stride, dropout_rate=0.0,
+                               classifier='none', decoder={'base_widths': widths,
+                                                           'num_groups': 8})
+  for config in configs.values():  # Every stage, so that checkpoints carry over.
+    assert config.model == expected
+  assert tuple(expected.decoder.base_widths) == widths
+  model = models.build_model(expected, task='segment', num_classes=11)
+  images = jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                             images)
+  out, aux = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+  assert out.shape == (2, 32, 32, 11)
+  assert aux['tokens'].shape == (2, tokens * tokens, expected.encoder.hidden_size)
+  with pytest.raises(ValueError, match=r'stride=2: expected one of \(16, 8, 4\)'):
+    config_module.get_config('stride=2')
