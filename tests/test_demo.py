@@ -23,12 +23,13 @@ from ddep_jax import checkpoints
 from ddep_jax import fileio
 from experiments import demo
 from experiments import demo_diagnostics
+from experiments import demo_runs
 from experiments import hyper
 from experiments import sweep
 import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-config_module = sweep.load_config_module(demo.CONFIG_FILE)
+config_module = sweep.load_config_module(demo_runs.CONFIG_FILE)
 SMOKE_ARG = 'stage=finetune,runlocal=True'
 NUM_PRETRAIN = 3
 NUM_SMOKE_FINETUNE = 4 * len(config_module.SMOKE_LABEL_FRACTIONS) * config_module.SMOKE_NUM_SUBSETS
@@ -199,10 +200,10 @@ def test_rerun_skips_finished_runs(smoke):
 
 
 def test_a_different_config_in_the_same_workdir_is_refused(smoke):
-  full_runs = demo.plan_runs(smoke.workdir, smoke.data_dir, smoke=False)
+  full_runs = demo_runs.plan_runs(smoke.workdir, smoke.data_dir, smoke=False)
   run = full_runs[0]  # pretrain/supervised, which the smoke run wrote with another config.
   with pytest.raises(ValueError, match=r'different config \(differs in .*total_steps'):
-    demo.check_same_config(run, demo.run_config(run))
+    demo_runs.check_same_config(run, demo_runs.run_config(run))
 
 
 # -- experiments/demo_diagnostics.py --------------------------------------------------------------
@@ -254,12 +255,12 @@ def test_full_sweep_has_every_method_fraction_and_subset_with_one_recipe():
   # Only the initialisation, the labelled subset and the seed differ between fine-tuning runs.
   allowed = {'init_from.checkpoint', 'init_from.params', 'input.label_fraction',
              'input.subset_seed', 'seed'}
-  reference = demo.flat_config(demo.config_json(
+  reference = demo_runs.flat_config(demo_runs.config_json(
       config_module.get_config('stage=finetune,init=none')))
   for init, fraction, seed in tags:
     config = config_module.get_config(
         f'stage=finetune,init={init},label_fraction={fraction},subset_seed={seed}')
-    flat = demo.flat_config(demo.config_json(config))
+    flat = demo_runs.flat_config(demo_runs.config_json(config))
     assert {k for k in flat if flat[k] != reference[k]} <= allowed
     assert flat['input.subset_seed'] == flat['seed'] == seed
     assert flat['input.label_fraction'] == fraction
@@ -293,11 +294,11 @@ def test_gs_roots_stay_urls(tmp_path, monkeypatch):
   assert ddep.init_from.checkpoint == 'gs://b/x/pretrain/supervised'
   finetune = config_module.get_config('stage=finetune,init=dep,root=gs://b/x')
   assert finetune.init_from.checkpoint == 'gs://b/x/pretrain/dep'
-  runs = demo.plan_runs('gs://b/x', 'gs://b/data', smoke=True)
+  runs = demo_runs.plan_runs('gs://b/x', 'gs://b/data', smoke=True)
   assert [r.workdir for r in runs[:3]] == [f'gs://b/x/pretrain/{s}'
                                            for s in ('supervised', 'ddep', 'dep')]
   assert all(r.workdir.startswith('gs://b/x/finetune/') for r in runs[3:])
-  assert all(demo.run_config(r).input.data_dir == 'gs://b/data' for r in runs)
+  assert all(demo_runs.run_config(r).input.data_dir == 'gs://b/data' for r in runs)
   assert not os.path.exists(tmp_path / 'gs:')
 
 
@@ -307,7 +308,7 @@ def test_bad_arguments_are_clear_errors(tmp_path):
   with pytest.raises(ValueError, match=r"init='imagenet': expected one of"):
     config_module.get_config('init=imagenet')
   with pytest.raises(ValueError, match=r'contains \',\'.*choose a path without'):
-    demo.plan_runs(str(tmp_path / 'a,b'), str(tmp_path / 'tfds'), smoke=True)
+    demo_runs.plan_runs(str(tmp_path / 'a,b'), str(tmp_path / 'tfds'), smoke=True)
 
 
 # -- other subset seeds (`--subset_seeds`) and the stride-4 model (`--config_arg=stride=4`) ------
@@ -319,8 +320,8 @@ def _finetune_plan(runs):
 
 def test_subset_seeds_plan_the_same_pretraining_and_runs_named_by_the_new_seeds(tmp_path):
   workdir, data_dir = str(tmp_path / 'demo'), str(tmp_path / 'tfds')
-  default = demo.plan_runs(workdir, data_dir, smoke=False)
-  held_out = demo.plan_runs(workdir, data_dir, smoke=False, subset_seeds=(100, 101, 102))
+  default = demo_runs.plan_runs(workdir, data_dir, smoke=False)
+  held_out = demo_runs.plan_runs(workdir, data_dir, smoke=False, subset_seeds=(100, 101, 102))
   # The default plan is today's: seeds 0-2, and no subset_seeds in any run's argument.
   assert {seed for *_, seed in _finetune_plan(default)} == {0, 1, 2}
   assert not any(item.startswith('subset_seeds=') for r in default
@@ -328,7 +329,7 @@ def test_subset_seeds_plan_the_same_pretraining_and_runs_named_by_the_new_seeds(
   # The same three pretraining runs (same directories and configs: reused by a re-run) ...
   assert [r.workdir for r in held_out[:3]] == [r.workdir for r in default[:3]]
   for new, old in zip(held_out[:3], default[:3]):
-    assert demo.config_json(demo.run_config(new)) == demo.config_json(demo.run_config(old))
+    assert demo_runs.config_json(demo_runs.run_config(new)) == demo_runs.config_json(demo_runs.run_config(old))
   # ... then every init x fraction x new seed, in a directory named by its seed.
   plan = _finetune_plan(held_out)
   assert len(held_out) == 3 + len(plan) == 3 + 4 * 3 * 3
@@ -338,16 +339,16 @@ def test_subset_seeds_plan_the_same_pretraining_and_runs_named_by_the_new_seeds(
     assert os.path.basename(run.workdir) == (
         f'init={init}-label_fraction={fraction!r}-subset_seed={seed}')
     assert run.name == f'finetune/{os.path.basename(run.workdir)}'
-    config = demo.run_config(run)
+    config = demo_runs.run_config(run)
     assert config.input.subset_seed == config.seed == seed
     assert config.input.label_fraction == fraction
     # Only the subset and the seed differ from the run of the same cell on a default seed.
-    old = demo.flat_config(demo.config_json(demo.run_config(
+    old = demo_runs.flat_config(demo_runs.config_json(demo_runs.run_config(
         _finetune_plan(default)[(init, fraction, seed - 100)])))
-    new = demo.flat_config(demo.config_json(config))
+    new = demo_runs.flat_config(demo_runs.config_json(config))
     assert {k for k in new if new[k] != old[k]} == {'input.subset_seed', 'seed'}
   # A single seed, and the smoke plan.
-  assert {k[2] for k in _finetune_plan(demo.plan_runs(workdir, data_dir, smoke=True,
+  assert {k[2] for k in _finetune_plan(demo_runs.plan_runs(workdir, data_dir, smoke=True,
                                                       subset_seeds=(7,)))} == {7}
 
 
@@ -365,7 +366,7 @@ def test_subset_seeds_flag_and_output_names():
   assert demo.output_suffix(None) == ''
   assert demo.output_suffix((100, 101, 102)) == '-subset_seeds=100_101_102'
   with pytest.raises(ValueError, match=r"--config_arg sets 'subset_seed'"):
-    demo.base_arg('/w', '/d', False, config_arg='stride=4,subset_seed=3')
+    demo_runs.base_arg('/w', '/d', False, config_arg='stride=4,subset_seed=3')
 
 
 def test_table_holds_only_the_planned_seeds(tmp_path):
@@ -373,7 +374,7 @@ def test_table_holds_only_the_planned_seeds(tmp_path):
   workdir = str(tmp_path)
   runs = []
   for seeds in ((0, 1, 2), (100, 101, 102)):
-    plan = demo.plan_runs(workdir, str(tmp_path / 'tfds'), smoke=True,
+    plan = demo_runs.plan_runs(workdir, str(tmp_path / 'tfds'), smoke=True,
                           subset_seeds=None if seeds == (0, 1, 2) else seeds)
     for run in plan[3:]:
       fileio.write_json(os.path.join(run.workdir, 'run.json'), run.sweep_run.run_json())
