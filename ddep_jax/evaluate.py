@@ -125,7 +125,8 @@ class Evaluator:
       self._replicated = _replicated(mesh)
       self._zeros_fn = jax.jit(jnp.zeros, static_argnums=(0,), out_shardings=batch_sharding)
       # One program per inference unit (window shape, grid and canvas; `inference_plan.plan`),
-      # reused across batches and scales; the probability sums are donated, so a batch holds one copy.
+      # reused across batches and scales; the probability sums are donated, so a batch holds one
+      # copy.
       self._unit_fn = jax.jit(self._unit_probabilities, static_argnames=('unit',),
                               donate_argnums=(4,), out_shardings=batch_sharding)
 

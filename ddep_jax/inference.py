@@ -18,9 +18,9 @@ Batches. Images arrive padded to a common canvas [B, H, W, 3] with their own (he
 of an image (its padded window) is a function of the image's own size, so one jitted program
 cannot serve every image of a mixed-size batch: `inference_plan.plan` groups the (scale, image)
 pairs of a batch into `Unit`s by (window shape, window grid, canvas), and `unit_probabilities`
-runs one unit (a pure, traceable function), the windows at fixed shape with per-image offsets. The scale is not
-part of a program (each member's own size at the scale is an argument), so scales share
-programs.
+runs one unit (a pure, traceable function), the windows at fixed shape with per-image offsets.
+The scale is not part of a program (each member's own size at the scale is an argument), so
+scales share programs.
 
 Memory and compute follow the unit's members, not the batch: `unit_probabilities` loops over the
 images of the batch one at a time and skips those outside the unit (`lax.cond`: no model call),
@@ -190,7 +190,8 @@ def _window_logits(predict_fn: PredictFn, x: jax.Array, size: jax.Array, unit: i
 
 
 def _image_probabilities(predict_fn: PredictFn, image: jax.Array, size, scaled_size,
-                         unit: inference_plan.Unit, *, crop_size, stride, flip: bool, num_classes: int) -> jax.Array:
+                         unit: inference_plan.Unit, *, crop_size, stride, flip: bool,
+                         num_classes: int) -> jax.Array:
   """Summed softmax probabilities [H, W, K] of ONE member image [H, W, C] of own `size`, at
   the unit's scale (where its size is `scaled_size`), and of its flip; 0 outside the image."""
   canvas = image.shape[:2]

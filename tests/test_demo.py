@@ -329,7 +329,8 @@ def test_subset_seeds_plan_the_same_pretraining_and_runs_named_by_the_new_seeds(
   # The same three pretraining runs (same directories and configs: reused by a re-run) ...
   assert [r.workdir for r in held_out[:3]] == [r.workdir for r in default[:3]]
   for new, old in zip(held_out[:3], default[:3]):
-    assert demo_runs.config_json(demo_runs.run_config(new)) == demo_runs.config_json(demo_runs.run_config(old))
+    assert (demo_runs.config_json(demo_runs.run_config(new)) ==
+            demo_runs.config_json(demo_runs.run_config(old)))
   # ... then every init x fraction x new seed, in a directory named by its seed.
   plan = _finetune_plan(held_out)
   assert len(held_out) == 3 + len(plan) == 3 + 4 * 3 * 3
