@@ -19,6 +19,13 @@ r"""`make demo`: a miniature DDeP reproduction, end to end, on a laptop CPU.
    `results.csv`, and plots mIoU versus label fraction (Fig. 1, right) into
    `label_efficiency.png` (with other than the default subset seeds, e.g. `results.md` becomes
    `results-subset_seeds=100_101_102.md`).
+5. Draws the first validation scenes, their ground truth and each method's prediction at each
+   label fraction (the runs of the first subset seed) into `predictions.png`
+   (`experiments.demo_figures`).
+
+Each finished run prints a line with its metric, its time, the time so far and an estimate of
+the time its process still needs (ETA: the process's remaining runs at its pace so far, weighed
+by examples trained).
 
 `--config_arg=k=v,...` adds entries to the argument of `configs/demo.py` for every run, e.g.
 `--config_arg=stride=4` for the stride-4 hybrid (8x8 tokens); use a fresh `--workdir` for it.
@@ -59,6 +66,7 @@ from ddep_jax import fileio
 from ddep_jax.data import datasets
 from ddep_jax.data.builders import digit_scenes
 from experiments import collect_results
+from experiments import demo_figures
 from experiments import demo_runs
 from experiments import results_table
 from experiments import sweep
@@ -133,6 +141,7 @@ class Outputs:
   markdown_path: str
   csv_path: str
   plot_path: str
+  predictions_path: str | None = None  # Drawn by run_demo from the checkpoints, not the table.
 
 
 def output_suffix(subset_seeds: Sequence[int] | None) -> str:
@@ -225,9 +234,15 @@ def run_demo(workdir: str, *, smoke: bool = False, data_dir: str | None = None,
         f'({"frozen" if equal == total else "NOT frozen"}).', flush=True)
 
   outputs = write_outputs(workdir, runs, subset_seeds)
+  predictions = demo_figures.write_predictions(
+      fileio.join(workdir, f'predictions{output_suffix(subset_seeds)}.png'), runs, data_dir,
+      inits=ROW_ORDER,
+      num_scenes=demo_figures.SMOKE_NUM_SCENES if smoke else demo_figures.NUM_SCENES)
+  outputs = dataclasses.replace(outputs, predictions_path=predictions)
   elapsed = time.time() - start_time
   print(f'\n{outputs.markdown}')
-  print(f'Wrote {outputs.markdown_path}, {outputs.csv_path} and {outputs.plot_path}.')
+  print(f'Wrote {outputs.markdown_path}, {outputs.csv_path}, {outputs.plot_path} and '
+        f'{outputs.predictions_path}.')
   load = ', '.join(f'{x:.1f}' for x in os.getloadavg())
   print(f'Total {demo_runs.clock(elapsed)} (load average over 1, 5, 15 min: {load}).', flush=True)
   return outputs

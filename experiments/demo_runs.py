@@ -164,17 +164,41 @@ def clock(seconds: float) -> str:
   return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
+def work(config) -> int:
+  """A run's amount of work, for the ETA: the training examples it processes."""
+  return int(config.total_steps) * int(config.input.batch_size)
+
+
+def eta_seconds(done: Sequence[tuple[float, float | None]], left: Sequence[float]) -> float:
+  """Seconds the runs of work `left` should take at the pace of the lane's runs `done`.
+
+  Args:
+    done: `(work, seconds)` of each run so far, at least one of them trained; `seconds` None
+      for a skipped (finished) run, which took no time and so does not count.
+    left: the work of each run still to train.
+  """
+  timed = [(w, s) for w, s in done if s is not None]
+  if not left:
+    return 0.0
+  return sum(s for _, s in timed) * sum(left) / sum(w for w, _ in timed)
+
+
 def execute(indexed_runs: Sequence[tuple[int, DemoRun]], *, total: int,
             start_time: float) -> None:
-  """Runs (or skips, when finished) each `(index, run)` in order, printing one line per run."""
+  """Runs (or skips, when finished) each `(index, run)` in order, printing one line per run.
+
+  A trained run's line ends with the ETA of this process's remaining runs (`eta_seconds`).
+  """
   width = len(str(total))
-  for index, run in indexed_runs:
-    config = run_config(run)
+  configs = [run_config(run) for _, run in indexed_runs]
+  earlier = [final_results(run.workdir) for _, run in indexed_runs]
+  done = []  # (work, seconds or None) of each run so far.
+  for position, ((index, run), config, results) in enumerate(zip(indexed_runs, configs, earlier)):
     check_same_config(run, config)
     prefix = f'[{index:>{width}}/{total}] {describe(run)}'
-    results = final_results(run.workdir)
     if results is not None:
       print(f'{prefix}: finished earlier, {summarize(run.task, results)}', flush=True)
+      done.append((work(config), None))
       continue
     if run.sweep_run is not None:
       fileio.write_json(fileio.join(run.workdir, 'run.json'), run.sweep_run.run_json())
@@ -184,9 +208,12 @@ def execute(indexed_runs: Sequence[tuple[int, DemoRun]], *, total: int,
     if EVAL_NAME not in all_results:
       raise RuntimeError(f'{run.workdir} stopped before its final evaluation (preempted?); run '
                          'the demo again to resume it.')
+    seconds = time.time() - started
+    done.append((work(config), seconds))
+    left = [work(c) for c, r in zip(configs[position + 1:], earlier[position + 1:]) if r is None]
     print(f'{prefix}: {summarize(run.task, all_results[EVAL_NAME])} '
-          f'({time.time() - started:.0f} s; {clock(time.time() - start_time)} so far)',
-          flush=True)
+          f'({seconds:.0f} s; {clock(time.time() - start_time)} so far, '
+          f'ETA {clock(eta_seconds(done, left))})', flush=True)
 
 
 # ------------------------------------------------------------------------------------------------

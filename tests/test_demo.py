@@ -21,8 +21,10 @@ import pytest
 from configs import paper
 from ddep_jax import checkpoints
 from ddep_jax import fileio
+from ddep_jax import predict
 from experiments import demo
 from experiments import demo_diagnostics
+from experiments import demo_figures
 from experiments import demo_runs
 from experiments import hyper
 from experiments import sweep
@@ -93,7 +95,8 @@ def _run_mious(smoke):
 
 def test_prints_one_line_per_run_with_its_metric_and_time(smoke):
   done = re.findall(r'^\[\s*(\d+)/(\d+)\] (.+): (mIoU|top-1|denoising loss) ([0-9.]+).*'
-                    r'\((\d+) s; [0-9:]+ so far\)$', smoke.stdout, re.MULTILINE)
+                    r'\((\d+) s; [0-9:]+ so far, ETA \d+:\d\d:\d\d\)$', smoke.stdout,
+                    re.MULTILINE)
   # Two processes share the runs, so lines may come out of order; each run has exactly one.
   done = sorted(done, key=lambda line: int(line[0]))
   assert [int(i) for i, *_ in done] == list(range(1, NUM_RUNS + 1))
@@ -144,6 +147,86 @@ def test_plot_is_written(smoke):
   pixels = mpl_image.imread(path)
   assert pixels.ndim == 3 and min(pixels.shape[:2]) > 300
   assert np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0).shape[0] > 10  # Not blank.
+
+
+def test_prediction_grid_shows_each_runs_own_prediction(smoke):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  path = os.path.join(smoke.workdir, 'predictions.png')
+  assert f'{path}.' in smoke.stdout
+  with Image.open(path) as picture:
+    pixels = np.asarray(picture.convert('RGB'))
+  # Rows: the smoke run's scenes; columns: scene, truth, then 4 inits per label fraction.
+  rows, cols = demo_figures.SMOKE_NUM_SCENES, 2 + 4 * len(config_module.SMOKE_LABEL_FRACTIONS)
+  cell, gap = 32 * demo_figures.SCALE, demo_figures.GAP
+  top = demo_figures.TITLE_PX + demo_figures.HEADER_PX
+  assert pixels.shape == (top + rows * cell + (rows - 1) * gap, cols * cell + (cols - 1) * gap, 3)
+  scenes = tfds.as_numpy(tfds.load('ddep_digit_scenes/segmentation', split=f'validation[:{rows}]',
+                                   batch_size=-1, data_dir=smoke.data_dir))
+  row = rows - 1
+  image, mask = scenes['image'][row], scenes['segmentation_mask'][row, ..., 0]
+
+  def cell_at(col):
+    y, x = top + row * (cell + gap), col * (cell + gap)
+    return pixels[y:y + cell, x:x + cell]
+
+  def enlarged(array):
+    return np.repeat(np.repeat(array, demo_figures.SCALE, 0), demo_figures.SCALE, 1)
+
+  def coloured(labels):  # The palette, with background black.
+    colours = predict.palette(11)[labels]
+    colours[labels == 0] = 0
+    return colours
+
+  np.testing.assert_array_equal(cell_at(0), enlarged(image))
+  np.testing.assert_array_equal(cell_at(1), enlarged(coloured(mask)))
+  # The last column: DDeP at the highest fraction, from the first subset seed's run.
+  run = _finetune_dir(smoke, 'ddep', max(config_module.SMOKE_LABEL_FRACTIONS),
+                      config_module.SMOKE_SUBSET_SEEDS[0])
+  config, params, _ = predict.load_run(run)
+  np.testing.assert_array_equal(cell_at(cols - 1),
+                                enlarged(coloured(predict.predict(params, config, image))))
+
+
+def test_eta_weighs_the_remaining_work_by_the_pace_of_the_trained_runs():
+  # 10 s for 100 examples and 30 s for 300: 0.1 s each; the skipped run took no time.
+  done = [(100, 10.0), (500, None), (300, 30.0)]
+  assert demo_runs.eta_seconds(done, [200, 50]) == pytest.approx(25.0)
+  assert demo_runs.eta_seconds(done, []) == 0.0  # The lane's last run.
+  assert demo_runs.clock(demo_runs.eta_seconds([(32, 1.0)], [32 * 600])) == '0:10:00'
+  config = config_module.get_config('stage=finetune')
+  assert demo_runs.work(config) == config.total_steps * config.input.batch_size == 300 * 16
+
+
+def test_grid_puts_each_cell_enlarged_at_its_place():
+  labels = np.array([[0, 1], [2, 10]])
+  image = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+  mask = demo_figures.colour_mask(labels, 11)
+  cells = [[image, mask], [mask, image]]
+  grid = demo_figures.compose_grid(cells, scale=3, gap=2)
+  assert grid.shape == (2 * 6 + 2, 2 * 6 + 2, 3)
+  colours = predict.palette(11)
+  # Row 0, column 1: each label a 3x3 block of its palette colour; background black.
+  for (i, j), label in np.ndenumerate(labels):
+    block = grid[3 * i:3 * i + 3, 8 + 3 * j:8 + 3 * j + 3].reshape(-1, 3)
+    assert (block == (0 if label == 0 else colours[label])).all()
+  assert set(map(tuple, grid[:, 6:8].reshape(-1, 3))) == {(255, 255, 255)}  # The gap.
+  # Row 1, column 1: the image, pixel (1, 0) at rows 11-13, columns 8-10.
+  assert (grid[11:14, 8:11] == image[1, 0]).all()
+  assert demo_figures.cell_origin(1, 1, (2, 2), scale=3, gap=2) == (8, 8)
+  # Black is no class's colour: the background stands apart.
+  assert not (colours[1:11] == 0).all(axis=-1).any()
+
+
+def test_grid_columns_are_the_first_seeds_runs_by_fraction_then_table_order(tmp_path):
+  runs = demo_runs.plan_runs(str(tmp_path), str(tmp_path / 'tfds'), smoke=False,
+                             subset_seeds=(7, 3))
+  columns = demo_figures.prediction_columns(runs, demo.ROW_ORDER)
+  assert [(r.tags['label_fraction'], r.tags['init']) for r in columns] == [
+      (f, i) for f in (0.01, 0.05, 1.0) for i in ('none', 'supervised', 'dep', 'ddep')]
+  assert {r.tags['subset_seed'] for r in columns} == {7}
+  assert [demo_figures.header(r) for r in columns[:4]] == [
+      '1 % · No pretrain.', '1 % · Supervised', '1 % · DeP', '1 % · DDeP']
 
 
 # -- what each stage started from -----------------------------------------------------------------
