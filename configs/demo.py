@@ -41,6 +41,10 @@ Arguments (`configs/demo.py:k=v,...`):
   stride: the encoder's output stride, 16 (default: a 2x2 token map on the 32x32 scenes), 8 or 4
     (4x4 or 8x8 tokens): the `tiny` hybrid with 3, 2 or 1 ResNet stages and a decoder of 5, 4 or
     3 stages (`ddep_jax.models.get_config(output_stride=...)`).
+  classes: what fine-tuning segments: 'digits' (default: background + the 10 digits, 11
+    classes) or 'foreground' (background + one class for every digit: the same scenes and masks,
+    `digit_scenes_foreground`); issue 19's check of a task whose identity the encoder need not
+    supply (docs/demo.md).
   root: the demo work directory: earlier stages are read from `<root>/pretrain/<stage>`.
   data_dir: TFDS data_dir of `ddep_digit_scenes` (default `<root>/tfds`).
   runlocal: a seconds-long smoke version (tiny model, a few steps, few eval images), for tests.
@@ -71,13 +75,15 @@ NOISE_STD = 0.22  # Paper §4.1's best sigma, on [-1, 1] images as here: kept, n
 # Fine-tuning loss weights (`config.class_weights`): background 0.1, each digit 1.
 BACKGROUND_WEIGHTED = (0.1,) + (1.0,) * 10
 OUTPUT_STRIDES = (16, 8, 4)
+# What fine-tuning segments: the 10 digits, or digits as one foreground class.
+SEGMENTATION_DATASETS = {'digits': 'digit_scenes', 'foreground': 'digit_scenes_foreground'}
 # Decoder stages at 1/16 ... 1/1; a smaller stride keeps the last ones (as the presets do).
 DECODER_WIDTHS = (64, 32, 32, 16, 16)
 
 
 def _parse(arg):
   return common.parse_arg(arg, stage='finetune', init='ddep', label_fraction=1.0, subset_seed=0,
-                          subset_seeds=None, stride=16, root=_DEFAULT_ROOT, data_dir='',
+                          subset_seeds=None, stride=16, classes='digits', root=_DEFAULT_ROOT, data_dir='',
                           runlocal=False)
 
 
@@ -179,9 +185,12 @@ def get_config(arg=None):
                                           data_dir=data_dir, resize=32)
   else:
     config.task = 'segment'
-    config.num_classes = 11
+    if arg.classes not in SEGMENTATION_DATASETS:
+      raise ValueError(f'classes={arg.classes!r}: expected one of {tuple(SEGMENTATION_DATASETS)}.')
+    dataset = SEGMENTATION_DATASETS[arg.classes]
+    config.num_classes = 11 if arg.classes == 'digits' else 2
     config.seed = arg.subset_seed
-    config.input.dataset = 'digit_scenes'
+    config.input.dataset = dataset
     config.input.label_fraction = float(arg.label_fraction)
     config.input.subset_seed = arg.subset_seed
     config.input.batch_size = 8 if smoke else 16
@@ -191,14 +200,14 @@ def get_config(arg=None):
     config.lr = 1e-3
     config.schedule = (('.*', dict(decay_type='cosine', warmup_steps=0 if smoke else 20)),)
     # Background is ~89 % of the pixels; weighted 1, it hides digit identity (docs/demo.md).
-    config.class_weights = BACKGROUND_WEIGHTED
+    config.class_weights = BACKGROUND_WEIGHTED[:config.num_classes]
     if arg.init != 'none':
       config.init_from.checkpoint = fileio.join(arg.root, 'pretrain', arg.init)
       # The supervised baseline has no decoder to carry (its run classifies); the heads are
       # always fresh (other classes / outputs).
       config.init_from.params = (('encoder/.*',) if arg.init == 'supervised'
                                  else ('encoder/.*', 'decoder/.*'))
-    config.evals.val = common.eval_config('digit_scenes', val_split, batch_size=eval_batch,
+    config.evals.val = common.eval_config(dataset, val_split, batch_size=eval_batch,
                                           data_dir=data_dir)
   config.lock()
   return config

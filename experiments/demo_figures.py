@@ -91,15 +91,17 @@ def compose_grid(cells: Sequence[Sequence[np.ndarray]], scale: int = SCALE,
 # ------------------------------------------------------------------------------------------------
 
 
-def read_scenes(data_dir: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+def read_scenes(data_dir: str, count: int,
+                dataset: str = DATASET) -> tuple[np.ndarray, np.ndarray]:
   """The first `count` validation scenes: uint8 images `[n, H, W, 3]`, int32 train ids `[n, H, W]`.
 
   Read as the evaluation reads them (`ddep_jax.data.reading`, the split's fixed order), the
-  masks mapped through the dataset's label table.
+  masks mapped through the label table of `dataset` (`digit_scenes` or a dataset registered over
+  the same scenes, e.g. `digit_scenes_foreground`).
   """
-  spec = datasets.get_spec(DATASET)
+  spec = datasets.get_spec(dataset)
   split = f'{spec.eval_split}[:{count}]'
-  source = reading.open_source(DATASET, split, 'segment', data_dir)
+  source = reading.open_source(dataset, split, 'segment', data_dir)
 
   def decode(example):
     image, mask = reading.decode(source, example)
@@ -149,9 +151,11 @@ def write_predictions(path: str, runs: Sequence[demo_runs.DemoRun], data_dir: st
   # Figure + Agg canvas, not pyplot, as collect_results.plot_label_efficiency.
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  images, masks = read_scenes(data_dir, num_scenes)
   columns = prediction_columns(runs, inits)
-  num_classes = datasets.get_spec(DATASET).num_classes
+  # The classes the runs segment (`configs/demo.py:classes=...`), the same in every run.
+  dataset = demo_runs.run_config(columns[0]).input.dataset
+  num_classes = datasets.get_spec(dataset).num_classes
+  images, masks = read_scenes(data_dir, num_scenes, dataset)
   cells = [[image, colour_mask(mask, num_classes)] for image, mask in zip(images, masks)]
   for run in columns:
     config, params, _ = predict.load_run(run.workdir)

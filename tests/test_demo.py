@@ -500,3 +500,24 @@ def test_stride_gives_the_token_map_and_decoder_of_the_model_family(stride, toke
   assert aux['tokens'].shape == (2, tokens * tokens, expected.encoder.hidden_size)
   with pytest.raises(ValueError, match=r'stride=2: expected one of \(16, 8, 4\)'):
     config_module.get_config('stride=2')
+
+
+def test_foreground_classes_are_the_digit_masks_as_one_class(digit_scenes_dir):
+  config = config_module.get_config(
+      f'stage=finetune,classes=foreground,init=ddep,data_dir={digit_scenes_dir}')
+  assert config.num_classes == 2 and config.class_weights == (0.1, 1.0)
+  assert config.input.dataset == config.evals.val.dataset == 'digit_scenes_foreground'
+  # Everything else is the default (digits) run's recipe.
+  digits = demo_runs.flat_config(demo_runs.config_json(config_module.get_config(
+      f'stage=finetune,init=ddep,data_dir={digit_scenes_dir}')))
+  differ = {k for k, v in demo_runs.flat_config(demo_runs.config_json(config)).items()
+            if digits[k] != v}
+  assert differ == {'num_classes', 'class_weights', 'input.dataset', 'evals.val.dataset'}
+  # The same scenes, read through the real reader: the masks' digits become class 1.
+  images, masks = demo_figures.read_scenes(digit_scenes_dir, 8)
+  fg_images, fg_masks = demo_figures.read_scenes(digit_scenes_dir, 8, 'digit_scenes_foreground')
+  np.testing.assert_array_equal(fg_images, images)
+  assert masks.max() > 1  # Digits other than 0 are in these scenes.
+  np.testing.assert_array_equal(fg_masks, (masks > 0).astype(np.int32))
+  with pytest.raises(ValueError, match='classes='):
+    config_module.get_config('stage=finetune,classes=letters')

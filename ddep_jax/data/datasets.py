@@ -108,6 +108,8 @@ PASCAL_CONTEXT_60_CLASSES = pascal_context.CLASSES_60
 PASCAL_CONTEXT_59_CLASSES = pascal_context.CLASSES_59
 
 DIGIT_SCENES_CLASSES = ('background',) + tuple(str(d) for d in range(10))
+# The same scenes as foreground / background: every digit is one class.
+DIGIT_SCENES_FOREGROUND_CLASSES = ('background', 'digit')
 
 _REGISTRY: dict[str, DatasetSpec] = {}
 
@@ -195,6 +197,11 @@ for _spec in [
         name='digit_scenes', tfds_name='ddep_digit_scenes/segmentation', kind=SEGMENTATION,
         label_key='segmentation_mask', num_classes=11, label_table=_identity_table(11),
         class_names=DIGIT_SCENES_CLASSES, crop_size=(32, 32)),
+    DatasetSpec(
+        name='digit_scenes_foreground', tfds_name='ddep_digit_scenes/segmentation',
+        kind=SEGMENTATION, label_key='segmentation_mask', num_classes=2,
+        label_table=make_label_table({0: 0, **{d: 1 for d in range(1, 11)}}, range(11)),
+        class_names=DIGIT_SCENES_FOREGROUND_CLASSES, crop_size=(32, 32)),
     DatasetSpec(name='digit_scenes_classification', tfds_name='ddep_digit_scenes/classification',
                 kind=CLASSIFICATION, label_key='label', num_classes=10,
                 class_names=DIGIT_SCENES_CLASSES[1:]),
