@@ -22,8 +22,8 @@ The stages stand in for the paper's (§3-5) at a size a laptop CPU trains in min
 | `supervised` | ImageNet-21k supervised encoder        | classify single digits on photos       |
 | `ddep`       | decoder denoising, encoder frozen (§4) | denoise 2,000 unlabeled scenes, Eq. 6  |
 | `dep`        | whole model denoising, scratch (§3)    | the same data, steps and noise         |
-| `finetune`   | pixel cross-entropy, 1-100 % labels    | 1,000 labelled scenes, 11 classes,     |
-|              |                                        | mIoU on the 200 validation scenes      |
+| `finetune`   | pixel cross-entropy, 1-100 % labels    | 1 % / 5 % of 1,000 labelled scenes, 11 |
+|              |                                        | classes, mIoU on 200 validation scenes |
 
 Fine-tuning has one recipe for every initialisation (`init=none|supervised|dep|ddep`), label
 fraction and subset: only the initial parameters and the labelled subset differ. `init=none`
@@ -36,8 +36,8 @@ Arguments (`configs/demo.py:k=v,...`):
   subset_seed: which labelled subset; also the run's `config.seed` (model init and data order),
     so that repetitions at 100 % labels differ too (as `experiments.hyper.repeats`).
   subset_seeds: the sweep's subset seeds, `+`-separated (`subset_seeds=100+101+102`); default
-    `SUBSET_SEEDS` (`SMOKE_SUBSET_SEEDS` with runlocal). The demo explores on the default seeds;
-    other seeds measure a fixed design on subsets it was not chosen on (issue 19's protocol).
+    `SUBSET_SEEDS`, 100-102 (`SMOKE_SUBSET_SEEDS` with runlocal): subsets the design was not
+    chosen on; it was explored on `EXPLORATION_SUBSET_SEEDS`, 0-2 (issue 19's protocol).
   stride: the encoder's output stride, 16 (default: a 2x2 token map on the 32x32 scenes), 8 or 4
     (4x4 or 8x8 tokens): the `tiny` hybrid with 3, 2 or 1 ResNet stages and a decoder of 5, 4 or
     3 stages (`ddep_jax.models.get_config(output_stride=...)`).
@@ -60,10 +60,16 @@ from ddep_jax import models
 
 STAGES = ('supervised', 'ddep', 'dep', 'finetune')
 PRETRAIN_STAGES = ('supervised', 'ddep', 'dep')  # In the order they must run.
-# The demo's label-efficiency protocol: fractions of the 1,000 train scenes (10, 50, 1,000
-# images) x labelled subsets (their seeds); Table 2 / Fig. 6 of the paper in miniature.
-LABEL_FRACTIONS = (0.01, 0.05, 1.0)
-SUBSET_SEEDS = (0, 1, 2)
+# The demo's label-efficiency protocol: fractions of the 1,000 train scenes (10 and 50 images)
+# x labelled subsets (their seeds); Table 2 / Fig. 6 of the paper in miniature, at the low
+# fractions where the paper's gains are largest. 100 % is left out: 300 steps were under five
+# epochs of it and its runs the least converged (docs/demo.md), and the minutes go to longer
+# runs at 1 % and 5 % instead (issue 19, hypothesis 3).
+LABEL_FRACTIONS = (0.01, 0.05)
+# The design was explored on the labelled subsets 0, 1, 2 (docs/demo.md); the table of `make
+# demo` is measured on subsets the exploration never used (issue 19's protocol).
+EXPLORATION_SUBSET_SEEDS = (0, 1, 2)
+SUBSET_SEEDS = (100, 101, 102)
 NUM_SUBSETS = len(SUBSET_SEEDS)
 # The smoke run (tests): one labelled fraction (a subset, not the whole set), two subsets for a std.
 SMOKE_LABEL_FRACTIONS = (0.05,)
@@ -196,7 +202,10 @@ def get_config(arg=None):
     config.input.batch_size = 8 if smoke else 16
     # The digits already vary in size (16-26 px) and a rescaled scene cut to 32x32 loses them.
     config.input.scale_range = (1.0, 1.0)
-    config.total_steps = 2 if smoke else 300
+    # 500 steps of 16 (160 epochs of the 50 scenes at 5 %, 800 of the 10 at 1 %): DDeP's decoder
+    # was still catching up at 300 (docs/demo.md, issue 19's hypothesis 3); 1,000 do not fit in
+    # the demo's 20 minutes.
+    config.total_steps = 2 if smoke else 500
     config.lr = 1e-3
     config.schedule = (('.*', dict(decay_type='cosine', warmup_steps=0 if smoke else 20)),)
     # Background is ~89 % of the pixels; weighted 1, it hides digit identity (docs/demo.md).

@@ -11,7 +11,7 @@ r"""`make demo`: a miniature DDeP reproduction, end to end, on a laptop CPU.
 3. Fine-tunes for segmentation from each initialisation (No pretraining, Supervised, DeP, DDeP)
    at several label fractions, over several labelled subsets, all with one recipe: the sweep of
    `configs/demo.py` (`get_sweep`), each run in `finetune/<run name>` with its `run.json`.
-   `--subset_seeds` picks the labelled subsets (default: the config's, 0, 1, 2): fine-tuning
+   `--subset_seeds` picks the labelled subsets (default: the config's, 100, 101, 102): fine-tuning
    runs are named by their subset seed, so other seeds add runs to the same work directory
    (reusing its pretraining) and the table is of the runs with these seeds only.
 4. Tabulates mIoU mean ± std per initialisation x label fraction with
@@ -281,7 +281,7 @@ def _define_flags() -> None:
   flags.DEFINE_string('data_dir', None, 'TFDS data_dir of ddep_digit_scenes (default '
                       '<workdir>/tfds); prepared there when missing.')
   flags.DEFINE_list('subset_seeds', None, 'Labelled subsets (their seeds) of the fine-tuning '
-                    'sweep, e.g. 100,101,102 (default: configs/demo.py SUBSET_SEEDS, 0,1,2; smoke '
+                    'sweep, e.g. 0,1,2 (default: configs/demo.py SUBSET_SEEDS, 100,101,102; smoke '
                     '0,1). Runs are named by seed; the table holds these seeds\' runs only.')
   flags.DEFINE_string('config_arg', '', 'More k=v entries of the configs/demo.py argument for '
                       'every run, comma-separated, e.g. stride=4 (use a fresh --workdir).')
