@@ -195,7 +195,7 @@ def test_eta_weighs_the_remaining_work_by_the_pace_of_the_trained_runs():
   assert demo_runs.eta_seconds(done, []) == 0.0  # The lane's last run.
   assert demo_runs.clock(demo_runs.eta_seconds([(32, 1.0)], [32 * 600])) == '0:10:00'
   config = config_module.get_config('stage=finetune')
-  assert demo_runs.work(config) == config.total_steps * config.input.batch_size == 500 * 16
+  assert demo_runs.work(config) == config.total_steps * config.input.batch_size == 300 * 16
 
 
 def test_grid_puts_each_cell_enlarged_at_its_place():
