@@ -57,6 +57,7 @@ from configs import common
 from configs import paper
 from ddep_jax import fileio
 from ddep_jax import models
+from ddep_jax.data import datasets
 
 STAGES = ('supervised', 'ddep', 'dep', 'finetune')
 PRETRAIN_STAGES = ('supervised', 'ddep', 'dep')  # In the order they must run.
@@ -89,8 +90,8 @@ DECODER_WIDTHS = (64, 32, 32, 16, 16)
 
 def _parse(arg):
   return common.parse_arg(arg, stage='finetune', init='ddep', label_fraction=1.0, subset_seed=0,
-                          subset_seeds=None, stride=16, classes='digits', root=_DEFAULT_ROOT, data_dir='',
-                          runlocal=False)
+                          subset_seeds=None, stride=16, classes='digits', root=_DEFAULT_ROOT,
+                          data_dir='', runlocal=False)
 
 
 def subset_seeds(arg) -> tuple[int, ...]:
@@ -192,9 +193,10 @@ def get_config(arg=None):
   else:
     config.task = 'segment'
     if arg.classes not in SEGMENTATION_DATASETS:
-      raise ValueError(f'classes={arg.classes!r}: expected one of {tuple(SEGMENTATION_DATASETS)}.')
+      raise ValueError(f'classes={arg.classes!r}: expected one of '
+                       f'{tuple(SEGMENTATION_DATASETS)}.')
     dataset = SEGMENTATION_DATASETS[arg.classes]
-    config.num_classes = 11 if arg.classes == 'digits' else 2
+    config.num_classes = datasets.get_spec(dataset).num_classes
     config.seed = arg.subset_seed
     config.input.dataset = dataset
     config.input.label_fraction = float(arg.label_fraction)
