@@ -25,7 +25,6 @@ digit". With `--binary` the task is background vs digit (2 classes).
 This is a diagnostic script, not part of `make demo`; docs/demo.md reports what it printed.
 """
 
-import os
 import time
 from typing import Any
 
@@ -45,9 +44,8 @@ from ddep_jax import models
 from ddep_jax import objectives
 from ddep_jax import parameters
 from ddep_jax.data.builders import digit_scenes
+from experiments import demo_runs
 from experiments import sweep
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLAGS = flags.FLAGS
 _EVAL_BATCH = 100
@@ -55,7 +53,7 @@ _EVAL_BATCH = 100
 
 def finetune_config(demo_dir: str, init: str):
   """The demo's own `finetune` config for `init`: model, batch size, what is carried from where."""
-  config_module = sweep.load_config_module(os.path.join(REPO_ROOT, 'configs', 'demo.py'))
+  config_module = sweep.load_config_module(demo_runs.CONFIG_FILE)
   return config_module.get_config(f'stage=finetune,init={init},root={demo_dir}')
 
 
