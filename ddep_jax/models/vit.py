@@ -161,7 +161,10 @@ class Transformer(nn.Module):
     x = AddPositionEmbs(self.grid_size, self.num_prefix_tokens, name='posembed_input')(x)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
     # `deterministic` is positional argument 2 (after self, x) so that remat treats it as static.
-    block_cls = (nn.remat(Encoder1DBlock, prevent_cse=False, static_argnums=(2,))
+    # prevent_cse stays True (big_vision sets it False only under nn.scan): in this Python loop,
+    # without the optimization barriers XLA's CSE may merge the backward pass's recomputation
+    # with the forward pass and keep every activation, undoing the remat (jax.checkpoint's docs).
+    block_cls = (nn.remat(Encoder1DBlock, static_argnums=(2,))
                  if self.remat else Encoder1DBlock)
     for i in range(self.num_layers):
       x = block_cls(self.mlp_dim, self.num_heads, self.dropout_rate, self.attention_dropout_rate,

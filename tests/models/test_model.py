@@ -155,6 +155,26 @@ def test_remat_changes_neither_parameters_nor_gradients(random_params):
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.max(np.abs(a)) + 1e-5)
 
 
+def test_remat_places_a_cse_barrier_at_every_rematerialised_block():
+  # jax.checkpoint keeps XLA from merging the recomputation into the forward pass with one
+  # optimization barrier per rematerialised call in the backward pass; without them (e.g.
+  # `prevent_cse=False` outside nn.scan) remat may save no memory at all.
+  config = models.get_config('tiny')
+  images = jnp.zeros((1, 32, 32, 3))
+  plain = models.build_model(config, task='segment', num_classes=3)
+  decoder_stages = len(_init_shapes(plain, images)['params']['decoder'])  # stage0 ... stage4
+  expected = {'encoder': sum(config.encoder.resnet.num_layers) + config.encoder.num_layers,
+              'decoder': decoder_stages}
+  expected.update(none=0, all=expected['encoder'] + expected['decoder'])
+  for policy, count in expected.items():
+    model = models.build_model(models.get_config('tiny', remat=policy), task='segment',
+                               num_classes=3)
+    params = _init_shapes(model, images)['params']
+    loss = lambda p: jnp.sum(model.apply({'params': p}, images, train=False)[0])  # noqa: E731,B023
+    hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
+    assert hlo.count('stablehlo.optimization_barrier') == count, policy
+
+
 def test_unknown_remat_policy_is_an_error():
   with pytest.raises(ValueError, match=r"model.remat must be one of \('none', 'encoder'"):
     models.build_model(models.get_config('tiny', remat='decoder_stages'), task='denoise')
