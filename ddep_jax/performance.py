@@ -46,6 +46,11 @@ _GPU_PEAKS = (
     (('A100',), {'bfloat16': 312.0, 'float32': 156.0}),
 )
 DTYPES = ('float32', 'bfloat16')
+# XLA:CPU expands jax.checkpoint's optimization barriers early in its pass pipeline (the pass
+# `cse_barrier_expander`), and its later CSE then merges the recomputation into the forward pass:
+# remat saves no memory there (GPUs expand them only after scheduling). This XLA flag keeps them,
+# so that `memory_analysis()` on a CPU shows what remat saves (the benchmark, tests).
+CPU_KEEP_REMAT_XLA_FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
 
 
 def default_config() -> ml_collections.ConfigDict:

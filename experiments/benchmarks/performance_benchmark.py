@@ -47,10 +47,6 @@ from ddep_jax import train_step
 from ddep_jax.models import decoder as decoder_lib
 
 REGIMES = ('ddep', 'dep', 'finetune')
-# XLA:CPU expands jax.checkpoint's optimization barriers early in its pipeline (pass
-# `cse_barrier_expander`), after which CSE merges the recomputation into the forward pass; GPUs
-# expand them only after scheduling. Disabling the pass on CPU makes remat's memory visible.
-CPU_KEEP_REMAT_FLAG = '--xla_disable_hlo_passes=cse_barrier_expander'
 _REGIMES = flags.DEFINE_list('regimes', list(REGIMES), f'Any of {REGIMES}.')
 _DDEP_SIZES = flags.DEFINE_list('ddep_sizes', ['224'], 'Square input sizes of the DDeP step.')
 _SIZES = flags.DEFINE_list('sizes', ['512', '1024'], 'Square sizes of the DeP / fine-tune steps.')
@@ -232,11 +228,12 @@ def main(argv):
         f'{performance.table_peak_tflops(kind, "bfloat16")} TFLOP/s); {_PRESET.value}, '
         f'remat {_REMAT.value}, attention {_ATTENTION.value}', flush=True)
   if (_REMAT.value != 'none' and jax.default_backend() == 'cpu'
-      and CPU_KEEP_REMAT_FLAG not in os.environ.get('XLA_FLAGS', '')):
+      and performance.CPU_KEEP_REMAT_XLA_FLAG not in os.environ.get('XLA_FLAGS', '')):
     print(f'note: XLA:CPU drops the optimization barriers of jax.checkpoint early and its CSE '
           f'then merges the recomputation into the forward pass, so the memory that remat saves '
           f'on GPUs and TPUs does not show here; rerun with '
-          f'XLA_FLAGS={CPU_KEEP_REMAT_FLAG} to keep them (docs/performance.md).', flush=True)
+          f'XLA_FLAGS={performance.CPU_KEEP_REMAT_XLA_FLAG} to keep them (docs/performance.md).',
+          flush=True)
   first = True
   for regime in _REGIMES.value:
     sizes = _DDEP_SIZES.value if regime == 'ddep' else _SIZES.value

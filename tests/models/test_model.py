@@ -1,5 +1,10 @@
 """Tests for the whole models: API contract, parameter tree, counts, shapes, dtypes, dropout."""
 
+import json
+import os
+import subprocess
+import sys
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -7,6 +12,10 @@ import numpy as np
 import pytest
 
 from ddep_jax import models
+from ddep_jax import performance
+import xla_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _init_shapes(model, images, **kwargs):
@@ -173,6 +182,38 @@ def test_remat_places_a_cse_barrier_at_every_rematerialised_block():
     loss = lambda p: jnp.sum(model.apply({'params': p}, images, train=False)[0])  # noqa: E731,B023
     hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
     assert hlo.count('stablehlo.optimization_barrier') == count, policy
+
+
+_REMAT_MEMORY = """
+import json
+import jax, jax.numpy as jnp
+from ddep_jax import models
+images = jnp.zeros((4, 64, 64, 3))
+temp = {}
+for policy in ('none', 'encoder', 'decoder', 'all'):
+  model = models.build_model(models.get_config('tiny', remat=policy), task='segment',
+                             num_classes=3)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))['params']
+  loss = lambda p: jnp.sum(model.apply({'params': p}, images, train=False)[0] ** 2)
+  compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+  temp[policy] = compiled.memory_analysis().temp_size_in_bytes
+print(json.dumps(temp))
+"""
+
+
+def test_remat_lowers_the_backward_pass_temporaries():
+  # Run where XLA:CPU keeps the barriers (performance.CPU_KEEP_REMAT_XLA_FLAG): there the
+  # compiled gradient's temporaries show what each policy saves, as on GPUs and TPUs. Measured:
+  # none 19.0 MB, encoder 9.3, decoder 17.2, all 8.4 (tiny model, 4 images of 64x64).
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2',
+             XLA_FLAGS=f'{xla_flags.flags(None)} {performance.CPU_KEEP_REMAT_XLA_FLAG}')
+  result = subprocess.run([sys.executable, '-c', _REMAT_MEMORY], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  temp = json.loads(result.stdout.splitlines()[-1])
+  assert temp['encoder'] < 0.7 * temp['none'], temp
+  assert temp['decoder'] < temp['none'], temp
+  assert temp['all'] < min(temp['encoder'], temp['decoder']), temp
 
 
 def test_unknown_remat_policy_is_an_error():
