@@ -1,4 +1,4 @@
-"""Tests for the whole models: API contract, parameter tree, counts, shapes, dtypes, dropout, remat."""
+"""Tests for the whole models: API, parameter tree, counts, shapes, dtypes, dropout, remat."""
 
 import json
 import os
